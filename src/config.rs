@@ -1,0 +1,414 @@
+//! Typed configuration: the embedded default (`config/switchboard.toml`), an optional file,
+//! and `SWITCHBOARD_<SECTION>__<KEY>` environment overrides, validated in one place.
+//!
+//! Invariants: every key has a default in the embedded file (so a partial file works), an
+//! unknown key or a value of the wrong type is an error that names the key
+//! (`presence.grace_ms: invalid type ...`), and nothing reads the environment after
+//! [`Config::load`] returns.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The text of `config/switchboard.toml`, compiled in: what `serve` runs with by default.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/switchboard.toml");
+
+/// Prefix of the environment overrides.
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+/// A configuration problem, always naming the key (or file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key {key}: {message}")]
+    Key { key: String, message: String },
+}
+
+fn key_error(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+    pub limits: LimitsConfig,
+    pub heartbeat: HeartbeatConfig,
+    pub presence: PresenceConfig,
+    pub typing: TypingConfig,
+    pub shutdown: ShutdownConfig,
+    pub logging: LoggingConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address of the gateway and API (`host:port`, port 0 picks one).
+    pub listen: String,
+    /// Origins allowed to upgrade; empty allows all.
+    pub allowed_origins: Vec<String>,
+    /// Slowloris guard: time to receive a request head, ms.
+    pub header_timeout_ms: u64,
+    /// Largest API request body, bytes.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The sled directory of the event log.
+    pub dir: PathBuf,
+}
+
+/// When an acknowledged event reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Flush every batch before answering it (group commit).
+    Flush,
+    /// Flush on a timer; answers do not wait for it.
+    Interval,
+    /// Never flush explicitly (benchmarks only).
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub durability: Durability,
+    /// Timer period for [`Durability::Interval`], ms.
+    pub flush_interval_ms: u64,
+    /// Most commands in one sequencer batch.
+    pub batch_max: usize,
+    /// Capacity of the sequencer's command channel.
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub jwt_secret: String,
+    pub jwt_public_key: String,
+    pub leeway_s: u64,
+    pub audience: String,
+    pub issuer: String,
+    pub api_key: String,
+    pub default_ttl_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: String,
+    pub key: String,
+}
+
+impl TlsConfig {
+    /// True when both files are configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert.is_empty() && !self.key.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_frame_bytes: usize,
+    pub max_body_bytes: usize,
+    pub hello_timeout_ms: u64,
+    pub outbound_queue: usize,
+    pub max_replay_events: u64,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceConfig {
+    pub grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypingConfig {
+    pub expire_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    pub timeout_ms: u64,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+}
+
+impl Config {
+    /// The embedded default, with no file and no environment.
+    pub fn embedded() -> Config {
+        // The embedded text is part of the binary and covered by a unit test; if it did not
+        // parse, no broker could start at all.
+        match Self::from_layers(None, std::iter::empty::<(String, String)>()) {
+            Ok(c) => c,
+            Err(e) => panic!("embedded default config is invalid: {e}"),
+        }
+    }
+
+    /// Embedded default, then `path` (if any), then every `SWITCHBOARD_*` variable.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(p) => Some((
+                p.to_path_buf(),
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+            )),
+            None => None,
+        };
+        Self::from_layers(
+            file.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
+            std::env::vars(),
+        )
+    }
+
+    /// The pure core of [`Config::load`]: layers merged over the embedded default.
+    pub fn from_layers(
+        file: Option<(&Path, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut root: toml::Table =
+            EMBEDDED_DEFAULT
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: PathBuf::from("<embedded>"),
+                    message: e.message().to_string(),
+                })?;
+        if let Some((path, text)) = file {
+            let overlay: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                        path: path.to_path_buf(),
+                        message: e.to_string(),
+                    })?;
+            merge(&mut root, overlay);
+        }
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        vars.sort();
+        for (name, value) in vars {
+            apply_env(&mut root, &name, &value)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
+            .map_err(|e| key_error(e.path().to_string(), e.inner().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that types alone cannot express.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(key_error(
+                "server.listen",
+                format!("`{}` is not an ip:port address", self.server.listen),
+            ));
+        }
+        let positive = [
+            ("log.batch_max", self.log.batch_max as u64),
+            ("log.queue_capacity", self.log.queue_capacity as u64),
+            ("log.flush_interval_ms", self.log.flush_interval_ms),
+            ("limits.max_frame_bytes", self.limits.max_frame_bytes as u64),
+            ("limits.max_body_bytes", self.limits.max_body_bytes as u64),
+            ("limits.hello_timeout_ms", self.limits.hello_timeout_ms),
+            ("limits.outbound_queue", self.limits.outbound_queue as u64),
+            ("limits.max_connections", self.limits.max_connections as u64),
+            ("heartbeat.interval_ms", self.heartbeat.interval_ms),
+            ("heartbeat.timeout_ms", self.heartbeat.timeout_ms),
+            ("typing.expire_ms", self.typing.expire_ms),
+            ("server.max_body_bytes", self.server.max_body_bytes as u64),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(key_error(key, "must be greater than 0"));
+            }
+        }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            return Err(key_error(
+                "tls.cert",
+                "tls.cert and tls.key must be set together",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Recursively lays `overlay` over `base`.
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (k, v) in overlay {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// `SWITCHBOARD_PRESENCE__GRACE_MS=200` sets `presence.grace_ms`. The value is read as a TOML
+/// value when it parses as one (numbers, booleans, arrays), else as a string.
+fn apply_env(root: &mut toml::Table, name: &str, value: &str) -> Result<(), ConfigError> {
+    let rest = &name[ENV_PREFIX.len()..];
+    // Only SWITCHBOARD_<SECTION>__<KEY> names are configuration; others (SWITCHBOARD_BIN,
+    // SWITCHBOARD_REQUIRE_DB, ...) belong to tools and tests.
+    let Some((section, key)) = rest.split_once("__") else {
+        return Ok(());
+    };
+    let (section, key) = (section.to_lowercase(), key.to_lowercase());
+    let dotted = format!("{section}.{key}");
+    let Some(toml::Value::Table(table)) = root.get_mut(&section) else {
+        return Err(key_error(dotted, "unknown section"));
+    };
+    let Some(current) = table.get(&key) else {
+        return Err(key_error(dotted, "unknown key"));
+    };
+    let parsed = parse_env_value(value, current);
+    table.insert(key, parsed);
+    Ok(())
+}
+
+fn parse_env_value(raw: &str, current: &toml::Value) -> toml::Value {
+    if current.is_str() {
+        return toml::Value::String(raw.to_string());
+    }
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_default_parses_and_matches_the_documented_defaults() {
+        let c = Config::embedded();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.storage.dir, PathBuf::from("./data"));
+        assert_eq!(c.log.durability, Durability::Flush);
+        assert_eq!(c.presence.grace_ms, 5000);
+        assert_eq!(c.heartbeat.interval_ms, 20000);
+        assert_eq!(c.heartbeat.timeout_ms, 45000);
+        assert_eq!(c.limits.max_frame_bytes, 65536);
+    }
+
+    #[test]
+    fn env_override_sets_a_key() {
+        let c = Config::from_layers(
+            None,
+            env(&[
+                ("SWITCHBOARD_PRESENCE__GRACE_MS", "200"),
+                ("SWITCHBOARD_SERVER__LISTEN", "127.0.0.1:9001"),
+                ("SWITCHBOARD_LOG__DURABILITY", "interval"),
+                ("PATH", "/bin"),
+                ("SWITCHBOARD_REQUIRE_DB", "1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.presence.grace_ms, 200);
+        assert_eq!(c.server.listen, "127.0.0.1:9001");
+        assert_eq!(c.log.durability, Durability::Interval);
+    }
+
+    #[test]
+    fn unknown_env_key_is_named() {
+        let e = Config::from_layers(None, env(&[("SWITCHBOARD_NOSUCH__KEY", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nosuch.key"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let e = Config::from_layers(None, env(&[("SWITCHBOARD_PRESENCE__GRACE_MS", "soon")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("presence.grace_ms"), "{e}");
+    }
+
+    #[test]
+    fn file_layer_overrides_and_unknown_file_key_is_named() {
+        let c = Config::from_layers(
+            Some((Path::new("x.toml"), "[limits]\nmax_frame_bytes = 4096\n")),
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_frame_bytes, 4096);
+        assert_eq!(c.limits.hello_timeout_ms, 10000);
+        let e = Config::from_layers(
+            Some((Path::new("x.toml"), "[limits]\nmax_frames = 4096\n")),
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("limits.max_frames"), "{e}");
+    }
+
+    #[test]
+    fn bad_listen_address_is_named() {
+        let e = Config::from_layers(None, env(&[("SWITCHBOARD_SERVER__LISTEN", "nowhere")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.listen"), "{e}");
+    }
+}

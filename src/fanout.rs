@@ -1,0 +1,251 @@
+//! The session registry and fan-out: who is connected, and pushing pre-encoded frames into
+//! their bounded outbound queues.
+//!
+//! Owned by the sequencer (one writer). Each event is encoded at most once per codec and
+//! the bytes are shared (`Bytes` is reference counted). A queue that is full marks its
+//! session slow: it is closed with 4008 and dropped from the registry; the device resumes
+//! from its last `off`, so nothing is lost.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify};
+
+use crate::protocol::frames::Platform;
+use crate::protocol::{CloseCode, Codec};
+
+/// Process-unique session id.
+pub type SessionId = u64;
+
+/// What a session's writer sends.
+#[derive(Debug)]
+pub enum Outbound {
+    /// One encoded frame (text for JSON sessions, binary for MessagePack ones).
+    Frame(Bytes),
+    /// The successful start of a session: the reply, the replay range, `sync`, snapshot.
+    Start(Box<SessionStart>),
+    /// A pong answering a client ping.
+    Pong(Bytes),
+}
+
+/// Everything the writer sends right after a successful hello, in order.
+#[derive(Debug)]
+pub struct SessionStart {
+    pub reply: Bytes,
+    /// Replay the inbox in `(since, head]`.
+    pub replay: Option<(u64, u64)>,
+    pub user: String,
+    pub sync: Bytes,
+    pub snapshot: Bytes,
+}
+
+/// Shared control block of a session: how to close it and when it was last heard from.
+#[derive(Debug, Default)]
+pub struct SessionCtl {
+    close: AtomicU16,
+    notify: Notify,
+    /// Unix ms of the last frame received.
+    pub last_heard_ms: AtomicU64,
+    /// Unix seconds when the token expires (0: not authenticated yet).
+    pub token_exp: AtomicU64,
+}
+
+impl SessionCtl {
+    /// Asks the writer to close the socket with `code` (the first request wins).
+    pub fn close(&self, code: u16) {
+        if self
+            .close
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.notify.notify_one();
+        }
+    }
+
+    pub fn close_with(&self, code: CloseCode) {
+        self.close(code.code());
+    }
+
+    /// The requested close code (0: none).
+    pub fn close_code(&self) -> u16 {
+        self.close.load(Ordering::Acquire)
+    }
+
+    /// Resolves when a close is requested.
+    pub async fn closed(&self) {
+        loop {
+            if self.close_code() != 0 {
+                return;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// A registered session as the sequencer sees it.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub id: SessionId,
+    pub user: String,
+    pub device: String,
+    pub platform: Platform,
+    pub codec: Codec,
+    pub tx: mpsc::Sender<Outbound>,
+    pub ctl: Arc<SessionCtl>,
+}
+
+/// Encodes a value once per codec, on first use.
+pub struct Encoded<'a, T: serde::Serialize> {
+    value: &'a T,
+    json: Option<Bytes>,
+    msgpack: Option<Bytes>,
+}
+
+impl<'a, T: serde::Serialize> Encoded<'a, T> {
+    pub fn new(value: &'a T) -> Self {
+        Encoded {
+            value,
+            json: None,
+            msgpack: None,
+        }
+    }
+
+    pub fn get(&mut self, codec: Codec) -> Option<Bytes> {
+        let slot = match codec {
+            Codec::Json => &mut self.json,
+            Codec::Msgpack => &mut self.msgpack,
+        };
+        if slot.is_none() {
+            match codec.encode(self.value) {
+                Ok(b) => *slot = Some(b),
+                Err(e) => {
+                    tracing::error!(error = %e, "event could not be encoded; not delivered");
+                    return None;
+                }
+            }
+        }
+        slot.clone()
+    }
+}
+
+/// Why a push to a session failed.
+enum PushFail {
+    Full,
+    Gone,
+}
+
+/// All live sessions (past hello).
+#[derive(Default)]
+pub struct Registry {
+    sessions: HashMap<SessionId, SessionHandle>,
+    by_user: HashMap<String, Vec<SessionId>>,
+}
+
+impl Registry {
+    pub fn insert(&mut self, h: SessionHandle) {
+        self.by_user.entry(h.user.clone()).or_default().push(h.id);
+        self.sessions.insert(h.id, h);
+    }
+
+    pub fn remove(&mut self, id: SessionId) -> Option<SessionHandle> {
+        let h = self.sessions.remove(&id)?;
+        if let Some(ids) = self.by_user.get_mut(&h.user) {
+            ids.retain(|x| *x != id);
+            if ids.is_empty() {
+                self.by_user.remove(&h.user);
+            }
+        }
+        Some(h)
+    }
+
+    pub fn get(&self, id: SessionId) -> Option<&SessionHandle> {
+        self.sessions.get(&id)
+    }
+
+    pub fn of_user(&self, user: &str) -> impl Iterator<Item = &SessionHandle> {
+        self.by_user
+            .get(user)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.sessions.get(id))
+    }
+
+    pub fn device_count(&self, user: &str) -> u32 {
+        self.by_user.get(user).map(|v| v.len() as u32).unwrap_or(0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    pub fn users(&self) -> usize {
+        self.by_user.len()
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &SessionHandle> {
+        self.sessions.values()
+    }
+
+    /// Pushes `value` to every session of every user in `users` except `exclude`.
+    /// Returns how many sessions it reached and the sessions that must be dropped (slow
+    /// ones are already asked to close with 4008).
+    pub fn deliver<'u, T: serde::Serialize>(
+        &self,
+        users: impl IntoIterator<Item = &'u String>,
+        exclude: Option<SessionId>,
+        enc: &mut Encoded<'_, T>,
+    ) -> (usize, Vec<SessionId>) {
+        let mut reached = 0;
+        let mut dead = Vec::new();
+        for user in users {
+            for h in self.of_user(user) {
+                if Some(h.id) == exclude {
+                    continue;
+                }
+                let Some(bytes) = enc.get(h.codec) else {
+                    continue;
+                };
+                match push(h, Outbound::Frame(bytes)) {
+                    Ok(()) => reached += 1,
+                    Err(PushFail::Full) => {
+                        metrics::counter!(crate::telemetry::QUEUE_DROPS).increment(1);
+                        tracing::warn!(session = h.id, user = %h.user, "outbound queue full; closing slow consumer");
+                        h.ctl.close_with(CloseCode::SlowConsumer);
+                        dead.push(h.id);
+                    }
+                    Err(PushFail::Gone) => dead.push(h.id),
+                }
+            }
+        }
+        (reached, dead)
+    }
+
+    /// Sends one frame to one session; a full queue closes it (4008).
+    pub fn send_to(&self, id: SessionId, frame: Outbound) -> Result<(), SessionId> {
+        let Some(h) = self.sessions.get(&id) else {
+            return Ok(());
+        };
+        match push(h, frame) {
+            Ok(()) => Ok(()),
+            Err(PushFail::Full) => {
+                metrics::counter!(crate::telemetry::QUEUE_DROPS).increment(1);
+                h.ctl.close_with(CloseCode::SlowConsumer);
+                Err(id)
+            }
+            Err(PushFail::Gone) => Err(id),
+        }
+    }
+}
+
+fn push(h: &SessionHandle, item: Outbound) -> Result<(), PushFail> {
+    h.tx.try_send(item).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => PushFail::Full,
+        mpsc::error::TrySendError::Closed(_) => PushFail::Gone,
+    })
+}

@@ -1,0 +1,163 @@
+//! Switchboard: an event-sourced real-time messaging broker.
+//!
+//! Data flows one way: frame -> command -> sequencer -> event -> state -> fan-out.
+//! [`Broker::start`] wires the parts: it opens the log, rebuilds State by replaying it,
+//! starts the sequencer (the only writer) and the gateway (WebSocket + HTTP API).
+
+pub mod api;
+pub mod config;
+pub mod fanout;
+pub mod gateway;
+pub mod log;
+pub mod protocol;
+pub mod sequencer;
+pub mod state;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+
+use gateway::Gateway;
+use sequencer::{Command, Sequencer, Settings, Shared};
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Log(#[from] log::LogError),
+    #[error(transparent)]
+    Auth(#[from] gateway::auth::AuthError),
+    #[error(transparent)]
+    Tls(#[from] gateway::tls::TlsError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// A running broker.
+pub struct Broker {
+    addr: SocketAddr,
+    gateway: Arc<Gateway>,
+    commands: mpsc::Sender<Command>,
+    sequencer: JoinHandle<()>,
+    accept: JoinHandle<()>,
+    shutdown_timeout: Duration,
+}
+
+impl Broker {
+    /// Opens the log, replays it, and starts serving.
+    pub async fn start(config: Config) -> Result<Broker, Error> {
+        let prometheus = if config.metrics.enabled {
+            telemetry::prometheus()
+        } else {
+            None
+        };
+        std::fs::create_dir_all(&config.storage.dir).map_err(|source| Error::Io {
+            what: format!("config key storage.dir ({})", config.storage.dir.display()),
+            source,
+        })?;
+        let store = log::Store::open(
+            &config.storage.dir,
+            config.log.durability,
+            config.log.flush_interval_ms,
+        )?;
+        let t0 = Instant::now();
+        let state = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || sequencer::rebuild(&store))
+                .await
+                .map_err(|e| Error::Io {
+                    what: "replay".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })??
+        };
+        tracing::info!(
+            head = state.head,
+            ms = t0.elapsed().as_millis() as u64,
+            "state rebuilt from the log"
+        );
+        let verifier = gateway::auth::Verifier::new(&config.auth)?;
+        let tls = if config.tls.enabled() {
+            Some(gateway::tls::acceptor(&config.tls)?)
+        } else {
+            None
+        };
+        let listener = TcpListener::bind(&config.server.listen)
+            .await
+            .map_err(|source| Error::Io {
+                what: format!("config key server.listen ({})", config.server.listen),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Io {
+            what: "listener address".into(),
+            source,
+        })?;
+        let shared = Arc::new(Shared::new(state.head));
+        let (tx, rx) = mpsc::channel(config.log.queue_capacity);
+        let seq = Sequencer::new(
+            Settings::from_config(&config),
+            store.clone(),
+            state,
+            rx,
+            shared.clone(),
+        );
+        let sequencer = tokio::spawn(seq.run());
+        let shutdown_timeout = Duration::from_millis(config.shutdown.timeout_ms);
+        let gw = Arc::new(Gateway::new(
+            config,
+            tx.clone(),
+            store,
+            verifier,
+            shared,
+            prometheus,
+        ));
+        tracing::info!(addr = %addr, tls = tls.is_some(), "listening");
+        let accept = tokio::spawn(gateway::serve(listener, gw.clone(), tls));
+        Ok(Broker {
+            addr,
+            gateway: gw,
+            commands: tx,
+            sequencer,
+            accept,
+            shutdown_timeout,
+        })
+    }
+
+    /// The address the gateway listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Graceful stop: stop accepting, close sessions with 4000, commit and flush the log.
+    pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        self.gateway.stop_http.cancel();
+        let _ = self.commands.send(Command::Drain).await;
+        self.gateway.shutdown.cancel();
+        self.gateway.tracker.close();
+        if tokio::time::timeout_at(deadline, self.gateway.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("sessions did not finish before shutdown.timeout_ms");
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Stop(tx)).await.is_ok() {
+            let _ = tokio::time::timeout_at(deadline + Duration::from_secs(2), rx).await;
+        }
+        let _ = self.sequencer.await;
+        self.accept.abort();
+        tracing::info!("stopped");
+    }
+}

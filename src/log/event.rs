@@ -1,0 +1,235 @@
+//! Every durable event, as stored and as sent.
+//!
+//! A [`Record`] is what the log keeps under an offset: the offset itself, the timestamp the
+//! sequencer gave it, the audience (`to`: user ids whose devices receive it and whose inbox
+//! index points at it) and the [`Event`]. On the wire an event is a flat map:
+//! `{"ev": "<type>", "off", "ts", ...fields}` (plus `"to"` on `/v1/events`).
+//!
+//! Invariants: `apply` of a record never needs anything but the record and State; an event
+//! with an empty audience is in the log (and `/v1/events`) but never on a socket.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::protocol::frames::ReceiptKind;
+
+/// One durable event with its place in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub off: u64,
+    pub ts: u64,
+    pub to: Vec<String>,
+    pub event: Event,
+}
+
+/// A chat message in a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageEv {
+    pub conv: String,
+    pub seq: u64,
+    pub from: String,
+    /// The sending device; `None` for messages published over the HTTP API.
+    pub device: Option<String>,
+    pub cid: Option<String>,
+    pub body: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReceiptEv {
+    pub conv: String,
+    pub user: String,
+    pub kind: ReceiptKind,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NoticeEv {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub data: Value,
+}
+
+/// A status as others (or the user) see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Online,
+    Away,
+    Busy,
+    Invisible,
+    Offline,
+}
+
+/// Who a presence event is for: both views agree (absent on the wire), only the user's
+/// audience, or only the user's own devices (while invisible the two differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceScope {
+    Public,
+    #[serde(rename = "self")]
+    Own,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresenceEv {
+    pub user: String,
+    pub status: Status,
+    pub devices: u32,
+    pub last_seen: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<PresenceScope>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomCreatedEv {
+    pub room: String,
+    pub conv: String,
+    pub name: String,
+    pub members: Vec<String>,
+}
+
+/// `joined` or `left`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberChange {
+    Joined,
+    Left,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomMemberEv {
+    pub room: String,
+    pub conv: String,
+    pub user: String,
+    pub change: MemberChange,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContactsEv {
+    pub user: String,
+    pub contacts: Vec<String>,
+}
+
+/// Every durable event type. The tag is the wire `ev` name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "ev")]
+pub enum Event {
+    #[serde(rename = "message")]
+    Message(MessageEv),
+    #[serde(rename = "receipt")]
+    Receipt(ReceiptEv),
+    #[serde(rename = "notice")]
+    Notice(NoticeEv),
+    #[serde(rename = "presence")]
+    Presence(PresenceEv),
+    #[serde(rename = "room.created")]
+    RoomCreated(RoomCreatedEv),
+    #[serde(rename = "room.member")]
+    RoomMember(RoomMemberEv),
+    #[serde(rename = "contacts")]
+    Contacts(ContactsEv),
+}
+
+impl Event {
+    /// The wire `ev` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Message(_) => "message",
+            Event::Receipt(_) => "receipt",
+            Event::Notice(_) => "notice",
+            Event::Presence(_) => "presence",
+            Event::RoomCreated(_) => "room.created",
+            Event::RoomMember(_) => "room.member",
+            Event::Contacts(_) => "contacts",
+        }
+    }
+}
+
+/// The wire shape of a record: `{"ev", ...fields, "off", "ts"}`.
+#[derive(Serialize)]
+pub struct Wire<'a> {
+    #[serde(flatten)]
+    pub event: &'a Event,
+    pub off: u64,
+    pub ts: u64,
+}
+
+/// The `/v1/events` shape: the wire shape plus the audience.
+#[derive(Serialize)]
+pub struct WireWithAudience<'a> {
+    #[serde(flatten)]
+    pub event: &'a Event,
+    pub off: u64,
+    pub ts: u64,
+    pub to: &'a [String],
+}
+
+impl Record {
+    pub fn wire(&self) -> Wire<'_> {
+        Wire {
+            event: &self.event,
+            off: self.off,
+            ts: self.ts,
+        }
+    }
+    pub fn wire_with_audience(&self) -> WireWithAudience<'_> {
+        WireWithAudience {
+            event: &self.event,
+            off: self.off,
+            ts: self.ts,
+            to: &self.to,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Codec;
+    use serde_json::json;
+
+    fn message() -> Record {
+        Record {
+            off: 7,
+            ts: 1_700_000_000_000,
+            to: vec!["a".into(), "b".into()],
+            event: Event::Message(MessageEv {
+                conv: "dm:a:b".into(),
+                seq: 3,
+                from: "a".into(),
+                device: Some("p1".into()),
+                cid: Some("c1".into()),
+                body: json!({"text": "hi", "n": [1, 2.5, null]}),
+            }),
+        }
+    }
+
+    #[test]
+    fn wire_shape_is_flat_with_off_and_ts() {
+        let v = serde_json::to_value(message().wire()).unwrap();
+        assert_eq!(
+            v,
+            json!({"ev":"message","off":7,"ts":1_700_000_000_000u64,"conv":"dm:a:b","seq":3,
+                   "from":"a","device":"p1","cid":"c1","body":{"text":"hi","n":[1,2.5,null]}})
+        );
+    }
+
+    #[test]
+    fn msgpack_wire_equals_json_wire() {
+        let r = message();
+        let m = Codec::Msgpack.encode(&r.wire()).unwrap();
+        let j = Codec::Json.encode(&r.wire()).unwrap();
+        assert_eq!(
+            Codec::Msgpack.decode(&m).unwrap(),
+            Codec::Json.decode(&j).unwrap()
+        );
+    }
+
+    #[test]
+    fn record_round_trips_through_msgpack() {
+        let r = message();
+        let bytes = rmp_serde::to_vec_named(&r).unwrap();
+        let back: Record = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, r);
+    }
+}

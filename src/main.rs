@@ -1,0 +1,123 @@
+//! The `switchboard` command line: `serve`, `token`, `gen-cert`. Wiring only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use switchboard::config::Config;
+use switchboard::{telemetry, Broker};
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "Event-sourced real-time messaging broker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the broker.
+    Serve {
+        /// Config file laid over the embedded default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print an HS256 connection token signed with auth.jwt_secret (development).
+    Token {
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds (default auth.default_ttl_s).
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write a self-signed development certificate and key (cert.pem, key.pem).
+    GenCert {
+        #[arg(long)]
+        out: PathBuf,
+        /// Names the certificate is valid for.
+        #[arg(long, default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
+        name: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchboard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Serve { config } => {
+            let config = Config::load(config.as_deref())?;
+            telemetry::init_logging(&config.logging);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(serve(config))
+        }
+        Cmd::Token { user, ttl, config } => {
+            let config = Config::load(config.as_deref())?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("clock before 1970")?
+                .as_secs();
+            let ttl = ttl.unwrap_or(config.auth.default_ttl_s);
+            let token = switchboard::gateway::auth::mint(&config.auth.jwt_secret, &user, ttl, now)?;
+            println!("{token}");
+            Ok(())
+        }
+        Cmd::GenCert { out, name } => gen_cert(&out, name),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let broker = Broker::start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "draining"),
+    }
+    broker.shutdown().await;
+    Ok(())
+}
+
+fn gen_cert(out: &std::path::Path, names: Vec<String>) -> anyhow::Result<()> {
+    let cert = rcgen::generate_simple_self_signed(names).context("generating the certificate")?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let cert_path = out.join("cert.pem");
+    let key_path = out.join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem())
+        .with_context(|| format!("writing {}", cert_path.display()))?;
+    write_private(&key_path, cert.key_pair.serialize_pem().as_bytes())?;
+    println!("wrote {} and {}", cert_path.display(), key_path.display());
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    Ok(())
+}

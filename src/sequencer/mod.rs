@@ -1,0 +1,532 @@
+//! The sequencer: the single writer of the log and the only owner of State.
+//!
+//! One task drains its bounded command channel into a batch (at most `log.batch_max`),
+//! validates each command against State, turns accepted ones into records with consecutive
+//! offsets (applying each to State at once, so later commands of the batch see earlier
+//! ones), then commits: one `sled` batch, one flush (group commit), fan-out of every record
+//! and ephemeral frame, then every answer, all in command order.
+//!
+//! Invariants:
+//! - nothing is answered `ok` before the records it reports are durable (per
+//!   `log.durability`); if the append or flush fails every answer of the batch is
+//!   `unavailable` and State is rebuilt from the log;
+//! - reads that consult the store (`history`) commit first, so they see every earlier
+//!   command; a `hello` commits first, so its `head` splits the log exactly between replay
+//!   and live delivery;
+//! - timers (presence grace, typing expiry) are entries of one `DelayQueue` owned here;
+//!   what they cause is decided here like any command.
+
+mod api_ops;
+pub mod command;
+mod presence;
+mod session_ops;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::time::DelayQueue;
+
+use crate::config::{Config, Durability};
+use crate::fanout::{Encoded, Outbound, Registry, SessionId};
+use crate::log::{Event, LogError, Record, Store};
+use crate::protocol::{Codec, ProtoError};
+use crate::state::State;
+use crate::telemetry as m;
+
+pub use command::{ApiCmd, ApiReply, ApiResult, Command, HelloCmd};
+
+/// Facts the sequencer publishes for readers outside it (health, long-polls).
+pub struct Shared {
+    /// Offset of the newest durable, fanned-out record.
+    pub head: watch::Sender<u64>,
+    /// Sessions past hello.
+    pub connections: AtomicUsize,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn new(head: u64) -> Shared {
+        Shared {
+            head: watch::Sender::new(head),
+            connections: AtomicUsize::new(0),
+            started: Instant::now(),
+        }
+    }
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+/// The sequencer's settings, taken from [`Config`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub durability: Durability,
+    pub batch_max: usize,
+    pub max_replay_events: u64,
+    pub max_connections: usize,
+    pub grace: Duration,
+    pub typing_expire: Duration,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config) -> Settings {
+        Settings {
+            durability: c.log.durability,
+            batch_max: c.log.batch_max,
+            max_replay_events: c.limits.max_replay_events,
+            max_connections: c.limits.max_connections,
+            grace: Duration::from_millis(c.presence.grace_ms),
+            typing_expire: Duration::from_millis(c.typing.expire_ms),
+        }
+    }
+}
+
+/// Time-driven commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Timer {
+    PresenceGrace {
+        user: String,
+        gen: u64,
+    },
+    TypingExpire {
+        conv: String,
+        user: String,
+        gen: u64,
+    },
+}
+
+/// Where an answer goes.
+enum AnswerTo {
+    Session { id: SessionId, re: Option<u32> },
+    Api(oneshot::Sender<ApiResult>),
+}
+
+/// Something to do after the batch is durable, in order.
+enum Effect {
+    /// Fan out `pending[idx]`, skipping one session (the sender of a message).
+    Deliver {
+        idx: usize,
+        exclude: Option<SessionId>,
+    },
+    /// An ephemeral frame to the live sessions of `users`.
+    Ephemeral { users: Vec<String>, frame: Value },
+    /// An answer; `live_of` adds `"live": <sessions reached by pending[i]>`.
+    Answer {
+        to: AnswerTo,
+        result: Result<ApiReply, ProtoError>,
+        live_of: Option<usize>,
+    },
+}
+
+/// `{"re": id, "ok": true, ...body}`.
+#[derive(Serialize)]
+struct OkFrame<'a> {
+    re: Option<u32>,
+    ok: bool,
+    #[serde(flatten)]
+    body: &'a Value,
+}
+
+#[derive(Serialize)]
+struct ErrBody<'a> {
+    code: &'static str,
+    message: &'a str,
+}
+
+/// `{"re": id, "ok": false, "error": {...}}`.
+#[derive(Serialize)]
+struct ErrFrame<'a> {
+    re: Option<u32>,
+    ok: bool,
+    error: ErrBody<'a>,
+}
+
+/// Encodes a reply frame for a session.
+pub fn encode_reply(
+    codec: Codec,
+    re: Option<u32>,
+    result: &Result<Value, ProtoError>,
+) -> Option<bytes::Bytes> {
+    let out = match result {
+        Ok(body) => codec.encode(&OkFrame { re, ok: true, body }),
+        Err(e) => codec.encode(&ErrFrame {
+            re,
+            ok: false,
+            error: ErrBody {
+                code: e.code.as_str(),
+                message: &e.message,
+            },
+        }),
+    };
+    match out {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::error!(error = %e, "reply could not be encoded");
+            None
+        }
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn unavailable(e: &LogError) -> ProtoError {
+    ProtoError::unavailable(format!("the event log cannot be written: {e}"))
+}
+
+/// Replays the whole log into a fresh State, checking continuity.
+pub fn rebuild(store: &Store) -> Result<State, LogError> {
+    let mut state = State::new();
+    let mut expect = 1;
+    for r in store.records(0) {
+        let r = r?;
+        if r.off != expect {
+            return Err(LogError::Corrupt {
+                off: expect,
+                reason: format!("offsets jump from {} to {}", expect - 1, r.off),
+            });
+        }
+        state.apply(&r);
+        expect += 1;
+    }
+    Ok(state)
+}
+
+pub struct Sequencer {
+    settings: Settings,
+    store: Store,
+    state: State,
+    registry: Registry,
+    rx: mpsc::Receiver<Command>,
+    shared: Arc<Shared>,
+    timers: DelayQueue<Timer>,
+    /// Generation of the newest presence decision per user (older grace timers are stale).
+    presence_gen: HashMap<String, u64>,
+    /// Unix ms when each user's last device left (their `last_seen` once offline).
+    last_disconnect: HashMap<String, u64>,
+    /// Active typing indicators: (conv, user) -> generation of the newest renewal.
+    typing: HashMap<(String, String), u64>,
+    next_gen: u64,
+    draining: bool,
+    // The batch being built.
+    committed_head: u64,
+    pending: Vec<Record>,
+    effects: Vec<Effect>,
+    pending_dedupe: HashMap<(String, String), u64>,
+    last_ts: u64,
+}
+
+impl Sequencer {
+    /// A sequencer over `store`, with State rebuilt from it.
+    pub fn new(
+        settings: Settings,
+        store: Store,
+        state: State,
+        rx: mpsc::Receiver<Command>,
+        shared: Arc<Shared>,
+    ) -> Sequencer {
+        let head = state.head;
+        let last_ts = state.last_ts;
+        let mut s = Sequencer {
+            settings,
+            store,
+            state,
+            registry: Registry::default(),
+            rx,
+            shared,
+            timers: DelayQueue::new(),
+            presence_gen: HashMap::new(),
+            last_disconnect: HashMap::new(),
+            typing: HashMap::new(),
+            next_gen: 0,
+            draining: false,
+            committed_head: head,
+            pending: Vec::new(),
+            effects: Vec::new(),
+            pending_dedupe: HashMap::new(),
+            last_ts,
+        };
+        s.arm_presence_after_restart();
+        s
+    }
+
+    /// Runs until a [`Command::Stop`] (or every sender is gone).
+    pub async fn run(mut self) {
+        loop {
+            let next = tokio::select! {
+                biased;
+                cmd = self.rx.recv() => cmd.map(Next::Cmd).unwrap_or(Next::Closed),
+                Some(t) = std::future::poll_fn(|cx| self.timers.poll_expired(cx)), if !self.timers.is_empty() => Next::Timer(t.into_inner()),
+            };
+            match next {
+                Next::Closed => break,
+                Next::Timer(t) => {
+                    self.on_timer(t);
+                    self.commit().await;
+                }
+                Next::Cmd(cmd) => {
+                    if let Some(stop) = self.take_batch(cmd).await {
+                        self.commit().await;
+                        if let Err(e) = self.store.flush().await {
+                            tracing::error!(error = %e, "final flush failed");
+                        }
+                        let _ = stop.send(());
+                        return;
+                    }
+                    self.commit().await;
+                }
+            }
+        }
+        self.commit().await;
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+
+    /// Handles `first` and whatever else is queued, up to `batch_max` commands.
+    async fn take_batch(&mut self, first: Command) -> Option<oneshot::Sender<()>> {
+        let mut cmd = first;
+        let mut n = 1;
+        loop {
+            if let Some(stop) = self.handle(cmd).await {
+                return Some(stop);
+            }
+            if n >= self.settings.batch_max {
+                return None;
+            }
+            match self.rx.try_recv() {
+                Ok(c) => {
+                    cmd = c;
+                    n += 1;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    async fn handle(&mut self, cmd: Command) -> Option<oneshot::Sender<()>> {
+        match cmd {
+            Command::Hello(h) => self.hello(*h).await,
+            Command::Goodbye { session } => self.drop_session(session),
+            Command::Op { session, id, op } => self.op(session, id, op).await,
+            Command::Reject { session, id, error } => self.answer(
+                AnswerTo::Session {
+                    id: session,
+                    re: id,
+                },
+                Err(error),
+                None,
+            ),
+            Command::Api(cmd, tx) => self.api(cmd, tx).await,
+            Command::Drain => self.draining = true,
+            Command::Stop(tx) => return Some(tx),
+        }
+        None
+    }
+
+    // ----- building the batch -------------------------------------------------------
+
+    /// Appends a new record to the batch and applies it to State. Returns its index in
+    /// the batch, offset and timestamp.
+    fn emit(
+        &mut self,
+        to: Vec<String>,
+        event: Event,
+        exclude: Option<SessionId>,
+    ) -> (usize, u64, u64) {
+        let off = self.committed_head + self.pending.len() as u64 + 1;
+        let ts = now_ms().max(self.last_ts);
+        self.last_ts = ts;
+        let record = Record { off, ts, to, event };
+        self.state.apply(&record);
+        let idx = self.pending.len();
+        self.pending.push(record);
+        self.effects.push(Effect::Deliver { idx, exclude });
+        (idx, off, ts)
+    }
+
+    fn ephemeral(&mut self, users: Vec<String>, frame: Value) {
+        self.effects.push(Effect::Ephemeral { users, frame });
+    }
+
+    fn answer(&mut self, to: AnswerTo, result: Result<Value, ProtoError>, live_of: Option<usize>) {
+        let result = result.map(|body| ApiReply { status: 200, body });
+        self.effects.push(Effect::Answer {
+            to,
+            result,
+            live_of,
+        });
+    }
+
+    fn answer_api(
+        &mut self,
+        tx: oneshot::Sender<ApiResult>,
+        result: ApiResult,
+        live_of: Option<usize>,
+    ) {
+        self.effects.push(Effect::Answer {
+            to: AnswerTo::Api(tx),
+            result,
+            live_of,
+        });
+    }
+
+    /// A record by offset, from the batch or the store.
+    fn record(&self, off: u64) -> Result<Option<Record>, LogError> {
+        if off > self.committed_head {
+            let i = (off - self.committed_head - 1) as usize;
+            return Ok(self.pending.get(i).cloned());
+        }
+        self.store.get(off)
+    }
+
+    // ----- committing -----------------------------------------------------------------
+
+    /// Makes the batch durable, then fans out and answers. Loops while fan-out itself
+    /// produces effects (a slow consumer's departure changes presence).
+    async fn commit(&mut self) {
+        while !self.effects.is_empty() {
+            self.commit_once().await;
+        }
+    }
+
+    async fn commit_once(&mut self) {
+        let records = std::mem::take(&mut self.pending);
+        let effects = std::mem::take(&mut self.effects);
+        self.pending_dedupe.clear();
+        let result = if records.is_empty() {
+            Ok(())
+        } else {
+            let t0 = Instant::now();
+            let r = self.append(&records).await;
+            metrics::histogram!(m::FLUSH_SECONDS).record(t0.elapsed().as_secs_f64());
+            metrics::histogram!(m::BATCH_EVENTS).record(records.len() as f64);
+            r
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, events = records.len(), "append failed; answering unavailable and rebuilding state");
+            metrics::counter!(m::APPEND_FAILURES).increment(1);
+            let err = unavailable(&e);
+            for effect in effects {
+                if let Effect::Answer { to, .. } = effect {
+                    self.send_answer(to, Err(err.clone()), 0);
+                }
+            }
+            match rebuild(&self.store) {
+                Ok(state) => {
+                    self.state = state;
+                    self.committed_head = self.state.head;
+                }
+                Err(e) => tracing::error!(error = %e, "state rebuild failed"),
+            }
+            return;
+        }
+        if let Some(last) = records.last() {
+            self.committed_head = last.off;
+            metrics::counter!(m::EVENTS_APPENDED).increment(records.len() as u64);
+        }
+        let mut reached = vec![0usize; records.len()];
+        let mut dead = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Deliver { idx, exclude } => {
+                    let r = &records[idx];
+                    let wire = r.wire();
+                    let mut enc = Encoded::new(&wire);
+                    let (n, d) = self.registry.deliver(&r.to, exclude, &mut enc);
+                    reached[idx] = n;
+                    dead.extend(d);
+                }
+                Effect::Ephemeral { users, frame } => {
+                    let mut enc = Encoded::new(&frame);
+                    let (_, d) = self.registry.deliver(&users, None, &mut enc);
+                    dead.extend(d);
+                }
+                Effect::Answer {
+                    to,
+                    result,
+                    live_of,
+                } => {
+                    let live = live_of.map(|i| reached[i]).unwrap_or(0);
+                    let result = match (result, live_of) {
+                        (Ok(mut reply), Some(_)) => {
+                            if let Value::Object(map) = &mut reply.body {
+                                map.insert("live".into(), Value::from(live));
+                            }
+                            Ok(reply)
+                        }
+                        (r, _) => r,
+                    };
+                    if let AnswerTo::Session { id, .. } = &to {
+                        if self.registry.get(*id).is_none() {
+                            continue;
+                        }
+                    }
+                    if let Some(id) = self.send_answer(to, result, live) {
+                        dead.push(id);
+                    }
+                }
+            }
+        }
+        self.shared.head.send_replace(self.committed_head);
+        for id in dead {
+            self.drop_session(id);
+        }
+    }
+
+    async fn append(&self, records: &[Record]) -> Result<(), LogError> {
+        self.store.append(records)?;
+        if self.settings.durability == Durability::Flush {
+            self.store.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one answer; returns a session that must be dropped (its queue was full).
+    fn send_answer(&self, to: AnswerTo, result: ApiResult, _live: usize) -> Option<SessionId> {
+        match to {
+            AnswerTo::Api(tx) => {
+                let _ = tx.send(result);
+                None
+            }
+            AnswerTo::Session { id, re } => {
+                if re.is_none() && result.is_ok() {
+                    return None;
+                }
+                let h = self.registry.get(id)?;
+                let bytes = encode_reply(h.codec, re, &result.map(|r| r.body))?;
+                self.registry.send_to(id, Outbound::Frame(bytes)).err()
+            }
+        }
+    }
+
+    // ----- timers ---------------------------------------------------------------------
+
+    fn on_timer(&mut self, t: Timer) {
+        match t {
+            Timer::PresenceGrace { user, gen } => self.presence_grace_expired(&user, gen),
+            Timer::TypingExpire { conv, user, gen } => self.typing_expired(conv, user, gen),
+        }
+    }
+
+    fn bump_gen(&mut self) -> u64 {
+        self.next_gen += 1;
+        self.next_gen
+    }
+}
+
+enum Next {
+    Cmd(Command),
+    Timer(Timer),
+    Closed,
+}

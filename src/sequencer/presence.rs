@@ -1,0 +1,131 @@
+//! Presence decisions: compare the devices connected now and the chosen status with the
+//! views State last published, and emit `presence` events when they differ. The last
+//! device leaving starts a grace timer instead; only its expiry (without a reconnect)
+//! publishes `offline`. After a restart every user State shows online gets such a timer.
+
+use serde_json::{json, Value};
+
+use super::{now_ms, Sequencer, Timer};
+use crate::log::event::{Event, PresenceEv, PresenceScope};
+use crate::protocol::frames::ChosenStatus;
+use crate::state::{presence_views, View};
+
+impl Sequencer {
+    /// Re-evaluates `user`'s presence after their devices changed.
+    pub(super) fn presence_refresh(&mut self, user: &str) {
+        let gen = self.bump_gen();
+        self.presence_gen.insert(user.to_string(), gen);
+        let devices = self.registry.device_count(user);
+        let ps = self
+            .state
+            .user(user)
+            .map(|u| u.presence)
+            .unwrap_or_default();
+        if devices == 0 {
+            if ps.own.devices > 0 || ps.public.devices > 0 {
+                self.timers.insert(
+                    Timer::PresenceGrace {
+                        user: user.to_string(),
+                        gen,
+                    },
+                    self.settings.grace,
+                );
+            }
+            return;
+        }
+        self.publish_presence(user, ps.chosen, devices);
+    }
+
+    /// The user chose a status.
+    pub(super) fn presence_set(&mut self, user: &str, chosen: ChosenStatus) {
+        let devices = self.registry.device_count(user);
+        self.publish_presence(user, chosen, devices);
+    }
+
+    pub(super) fn presence_grace_expired(&mut self, user: &str, gen: u64) {
+        if self.presence_gen.get(user) != Some(&gen) {
+            return;
+        }
+        self.presence_gen.remove(user);
+        if self.registry.device_count(user) > 0 {
+            return;
+        }
+        let chosen = self.state.chosen(user);
+        self.publish_presence(user, chosen, 0);
+    }
+
+    fn publish_presence(&mut self, user: &str, chosen: ChosenStatus, devices: u32) {
+        let ps = self
+            .state
+            .user(user)
+            .map(|u| u.presence)
+            .unwrap_or_default();
+        let last_seen = if devices > 0 {
+            Some(now_ms())
+        } else {
+            self.last_disconnect.get(user).copied().or(ps.own.last_seen)
+        };
+        let (public, own) = presence_views(chosen, devices, last_seen);
+        let pub_changed = public.differs(&ps.public);
+        let own_changed = own.differs(&ps.own) || (chosen != ps.chosen && devices > 0);
+        if !pub_changed && !own_changed {
+            return;
+        }
+        let audience: Vec<String> = self.state.audience(user).into_iter().collect();
+        let event = |view: View, scope| {
+            Event::Presence(PresenceEv {
+                user: user.to_string(),
+                status: view.status,
+                devices: view.devices,
+                last_seen: view.last_seen,
+                scope,
+            })
+        };
+        if pub_changed && own_changed && !public.differs(&own) {
+            let mut to = audience;
+            to.push(user.to_string());
+            self.emit(to, event(own, None), None);
+            return;
+        }
+        if pub_changed {
+            self.emit(audience, event(public, Some(PresenceScope::Public)), None);
+        }
+        if own_changed {
+            self.emit(
+                vec![user.to_string()],
+                event(own, Some(PresenceScope::Own)),
+                None,
+            );
+        }
+    }
+
+    /// Users State shows with devices get a grace timer: offline unless they come back.
+    pub(super) fn arm_presence_after_restart(&mut self) {
+        let online: Vec<String> = self
+            .state
+            .users
+            .iter()
+            .filter(|(_, u)| u.presence.own.devices > 0 || u.presence.public.devices > 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for user in online {
+            self.presence_refresh(&user);
+        }
+    }
+
+    /// `presence.snapshot` entries: every user `user` can see, offline ones included.
+    pub(super) fn snapshot(&self, user: &str) -> Vec<Value> {
+        self.state
+            .audience(user)
+            .into_iter()
+            .map(|other| {
+                let v = self
+                    .state
+                    .user(&other)
+                    .map(|u| u.presence.public)
+                    .unwrap_or_default();
+                json!({"user": other, "status": v.status, "devices": v.devices, "last_seen": v.last_seen})
+            })
+            .collect()
+    }
+}

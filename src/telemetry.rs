@@ -1,0 +1,62 @@
+//! Logs and metrics: the tracing subscriber, the Prometheus recorder, and the name of every
+//! metric (defined once, here, so dashboards can rely on them).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, LoggingConfig};
+
+/// Sessions past hello (gauge).
+pub const CONNECTIONS: &str = "switchboard_connections";
+/// Events appended to the log (counter).
+pub const EVENTS_APPENDED: &str = "switchboard_events_appended_total";
+/// Events per committed batch (histogram).
+pub const BATCH_EVENTS: &str = "switchboard_batch_events";
+/// Append + flush latency of a batch, seconds (histogram).
+pub const FLUSH_SECONDS: &str = "switchboard_flush_seconds";
+/// Frames not queued because a session's outbound queue was full (counter).
+pub const QUEUE_DROPS: &str = "switchboard_fanout_queue_drops_total";
+/// Batches whose append or flush failed (counter).
+pub const APPEND_FAILURES: &str = "switchboard_append_failures_total";
+/// `send`s answered as duplicates of an earlier cid (counter).
+pub const DUPLICATES: &str = "switchboard_duplicate_sends_total";
+/// Frames received from clients, by result (counter, label `result`).
+pub const FRAMES_IN: &str = "switchboard_frames_received_total";
+/// WebSocket sessions closed by the server, by close code (counter, label `code`).
+pub const CLOSES: &str = "switchboard_sessions_closed_total";
+/// HTTP API requests, by status (counter, label `status`).
+pub const HTTP_REQUESTS: &str = "switchboard_http_requests_total";
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once; later calls return the same handle.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0,
+                ])
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .clone()
+}
+
+/// Installs the tracing subscriber (stdout, text or JSON). Safe to call more than once.
+pub fn init_logging(cfg: &LoggingConfig) {
+    let filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _ = match cfg.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+    };
+}
