@@ -192,22 +192,18 @@ impl Registry {
         self.sessions.values()
     }
 
-    /// Pushes `value` to every session of every user in `users` except `exclude`.
+    /// Pushes `value` to every session of every user in `users`.
     /// Returns how many sessions it reached and the sessions that must be dropped (slow
     /// ones are already asked to close with 4008).
     pub fn deliver<'u, T: serde::Serialize>(
         &self,
         users: impl IntoIterator<Item = &'u String>,
-        exclude: Option<SessionId>,
         enc: &mut Encoded<'_, T>,
     ) -> (usize, Vec<SessionId>) {
         let mut reached = 0;
         let mut dead = Vec::new();
         for user in users {
             for h in self.of_user(user) {
-                if Some(h.id) == exclude {
-                    continue;
-                }
                 let Some(bytes) = enc.get(h.codec) else {
                     continue;
                 };

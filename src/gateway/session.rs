@@ -456,7 +456,15 @@ async fn write_loop(
             }
         }
     };
-    // A slow consumer's queue is abandoned: the close goes out next.
+    // Frames queued before the close (an error reply before 4001, say) go out first; a
+    // slow consumer's queue is abandoned: it resumes from its last `off`.
+    if close_code != CloseCode::SlowConsumer.code() {
+        while let Ok(item) = rx.try_recv() {
+            if write_item(&mut w, item, &gw, codec).await.is_err() {
+                return;
+            }
+        }
+    }
     let reason = close_reason(close_code);
     metrics::counter!(m::CLOSES, "code" => close_code.to_string()).increment(1);
     let _ = w

@@ -39,13 +39,12 @@ impl Sequencer {
                         "{from} is not a member of {conv}"
                     ))),
                     Ok(()) => self
-                        .publish(&conv, &from, None, cid, body, None)
+                        .publish(&conv, &from, None, cid, body)
                         .map(|body| ApiReply { status: 200, body }),
                 }
             }
             ApiCmd::Notice { user, kind, data } => {
-                let (idx, off, ts) =
-                    self.emit(vec![user], Event::Notice(NoticeEv { kind, data }), None);
+                let (idx, off, ts) = self.emit(vec![user], Event::Notice(NoticeEv { kind, data }));
                 live_of = Some(idx);
                 ok(json!({"off": off, "ts": ts}))
             }
@@ -59,7 +58,6 @@ impl Sequencer {
                         user: user.clone(),
                         contacts: contacts.clone(),
                     }),
-                    None,
                 );
                 ok(json!({"user": user, "contacts": contacts}))
             }
@@ -133,7 +131,6 @@ impl Sequencer {
                 name: name.clone(),
                 members: members.clone(),
             }),
-            None,
         );
         for user in &members {
             self.emit(
@@ -144,7 +141,6 @@ impl Sequencer {
                     user: user.clone(),
                     change: MemberChange::Joined,
                 }),
-                None,
             );
         }
         Ok(ApiReply {
@@ -179,7 +175,6 @@ impl Sequencer {
                 user: user.clone(),
                 change,
             }),
-            None,
         );
         ok(json!({"room": room, "user": user, "changed": true, "off": off}))
     }

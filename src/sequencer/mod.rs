@@ -108,11 +108,8 @@ enum AnswerTo {
 
 /// Something to do after the batch is durable, in order.
 enum Effect {
-    /// Fan out `pending[idx]`, skipping one session (the sender of a message).
-    Deliver {
-        idx: usize,
-        exclude: Option<SessionId>,
-    },
+    /// Fan out `pending[idx]` to every device of its audience.
+    Deliver { idx: usize },
     /// An ephemeral frame to the live sessions of `users`.
     Ephemeral { users: Vec<String>, frame: Value },
     /// An answer; `live_of` adds `"live": <sessions reached by pending[i]>`.
@@ -338,12 +335,7 @@ impl Sequencer {
 
     /// Appends a new record to the batch and applies it to State. Returns its index in
     /// the batch, offset and timestamp.
-    fn emit(
-        &mut self,
-        to: Vec<String>,
-        event: Event,
-        exclude: Option<SessionId>,
-    ) -> (usize, u64, u64) {
+    fn emit(&mut self, to: Vec<String>, event: Event) -> (usize, u64, u64) {
         let off = self.committed_head + self.pending.len() as u64 + 1;
         let ts = now_ms().max(self.last_ts);
         self.last_ts = ts;
@@ -351,7 +343,7 @@ impl Sequencer {
         self.state.apply(&record);
         let idx = self.pending.len();
         self.pending.push(record);
-        self.effects.push(Effect::Deliver { idx, exclude });
+        self.effects.push(Effect::Deliver { idx });
         (idx, off, ts)
     }
 
@@ -439,17 +431,17 @@ impl Sequencer {
         let mut dead = Vec::new();
         for effect in effects {
             match effect {
-                Effect::Deliver { idx, exclude } => {
+                Effect::Deliver { idx } => {
                     let r = &records[idx];
                     let wire = r.wire();
                     let mut enc = Encoded::new(&wire);
-                    let (n, d) = self.registry.deliver(&r.to, exclude, &mut enc);
+                    let (n, d) = self.registry.deliver(&r.to, &mut enc);
                     reached[idx] = n;
                     dead.extend(d);
                 }
                 Effect::Ephemeral { users, frame } => {
                     let mut enc = Encoded::new(&frame);
-                    let (_, d) = self.registry.deliver(&users, None, &mut enc);
+                    let (_, d) = self.registry.deliver(&users, &mut enc);
                     dead.extend(d);
                 }
                 Effect::Answer {

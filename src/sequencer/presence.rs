@@ -84,18 +84,14 @@ impl Sequencer {
         if pub_changed && own_changed && !public.differs(&own) {
             let mut to = audience;
             to.push(user.to_string());
-            self.emit(to, event(own, None), None);
+            self.emit(to, event(own, None));
             return;
         }
         if pub_changed {
-            self.emit(audience, event(public, Some(PresenceScope::Public)), None);
+            self.emit(audience, event(public, Some(PresenceScope::Public)));
         }
         if own_changed {
-            self.emit(
-                vec![user.to_string()],
-                event(own, Some(PresenceScope::Own)),
-                None,
-            );
+            self.emit(vec![user.to_string()], event(own, Some(PresenceScope::Own)));
         }
     }
 

@@ -79,7 +79,6 @@ impl Sequencer {
                         user: user.clone(),
                         contacts: list,
                     }),
-                    None,
                 );
             }
         }
@@ -162,7 +161,7 @@ impl Sequencer {
             re: id,
         };
         let result = match op {
-            ClientOp::Send(s) => self.op_send(session, &user, &device, s),
+            ClientOp::Send(s) => self.op_send(&user, &device, s),
             ClientOp::Receipt(r) => self.op_receipt(&user, r),
             ClientOp::Typing(t) => self.op_typing(&user, t),
             ClientOp::History(hq) => self.op_history(&user, hq),
@@ -191,27 +190,14 @@ impl Sequencer {
         })
     }
 
-    fn op_send(
-        &mut self,
-        session: SessionId,
-        user: &str,
-        device: &str,
-        s: SendOp,
-    ) -> Result<Value, ProtoError> {
+    fn op_send(&mut self, user: &str, device: &str, s: SendOp) -> Result<Value, ProtoError> {
         let conv = match (&s.to, &s.conv) {
             (Some(to), _) => ConvId::dm(user, to),
             (None, Some(c)) => ConvId::parse(c)?,
             (None, None) => return Err(ProtoError::bad_request("`send` needs `to` or `conv`")),
         };
         self.require_member(&conv, user)?;
-        self.publish(
-            &conv,
-            user,
-            Some(device),
-            Some(s.cid),
-            s.body,
-            Some(session),
-        )
+        self.publish(&conv, user, Some(device), Some(s.cid), s.body)
     }
 
     /// Appends a message (or finds its duplicate) and returns the `send` reply.
@@ -222,7 +208,6 @@ impl Sequencer {
         device: Option<&str>,
         cid: Option<String>,
         body: Value,
-        exclude: Option<SessionId>,
     ) -> Result<Value, ProtoError> {
         if let Some(cid) = &cid {
             let known = match self.pending_dedupe.get(&(from.to_string(), cid.clone())) {
@@ -262,7 +247,6 @@ impl Sequencer {
                 cid: cid.clone(),
                 body,
             }),
-            exclude,
         );
         if let Some(cid) = cid {
             self.pending_dedupe.insert((from.to_string(), cid), off);
@@ -298,7 +282,6 @@ impl Sequencer {
                 kind: r.kind,
                 seq,
             }),
-            None,
         );
         Ok(json!({"conv": conv_s, "kind": r.kind, "seq": seq}))
     }
