@@ -44,6 +44,7 @@ pub fn prometheus() -> Option<PrometheusHandle> {
                 .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
+            describe();
             Some(handle)
         })
         .clone()
@@ -59,4 +60,38 @@ pub fn init_logging(cfg: &LoggingConfig) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.with_ansi(false).try_init(),
     };
+}
+
+/// Describes every metric and creates the counters at zero, so dashboards and alerts see
+/// them before the first increment.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CONNECTIONS, "WebSocket sessions past hello");
+    describe_counter!(EVENTS_APPENDED, "events appended to the log");
+    describe_histogram!(
+        BATCH_EVENTS,
+        "events per committed sequencer batch (group commit)"
+    );
+    describe_histogram!(
+        FLUSH_SECONDS,
+        Unit::Seconds,
+        "append + flush time of one batch"
+    );
+    describe_counter!(QUEUE_DROPS, "frames not queued because a session's outbound queue was full (the session is closed with 4008)");
+    describe_counter!(
+        APPEND_FAILURES,
+        "batches whose append or flush failed (answered unavailable)"
+    );
+    describe_counter!(DUPLICATES, "sends answered as duplicates of an earlier cid");
+    describe_counter!(
+        FRAMES_IN,
+        "frames received from sessions past hello, by result"
+    );
+    describe_counter!(CLOSES, "sessions closed by the server, by close code");
+    describe_counter!(HTTP_REQUESTS, "HTTP API requests, by status");
+    metrics::counter!(EVENTS_APPENDED).absolute(0);
+    metrics::counter!(QUEUE_DROPS).absolute(0);
+    metrics::counter!(APPEND_FAILURES).absolute(0);
+    metrics::counter!(DUPLICATES).absolute(0);
+    metrics::gauge!(CONNECTIONS).set(0.0);
 }

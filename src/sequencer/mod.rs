@@ -184,8 +184,7 @@ fn unavailable(e: &LogError) -> ProtoError {
 /// Replays the whole log into a fresh State, checking continuity.
 pub fn rebuild(store: &Store) -> Result<State, LogError> {
     let mut state = State::new();
-    let mut expect = 1;
-    for r in store.records(0) {
+    for (expect, r) in (1u64..).zip(store.records(0)) {
         let r = r?;
         if r.off != expect {
             return Err(LogError::Corrupt {
@@ -194,7 +193,6 @@ pub fn rebuild(store: &Store) -> Result<State, LogError> {
             });
         }
         state.apply(&r);
-        expect += 1;
     }
     Ok(state)
 }
