@@ -352,23 +352,7 @@ async fn embedded_broker_shutdown_closes_sessions_4000_and_keeps_the_log() {
     b.shutdown().await;
     assert_eq!(a.wait_closed().await, Some(4000));
 
-    let TestBroker { dir, ep, .. } = b;
-    let mut cfg = test_config(&dir);
-    cfg.auth.jwt_secret = ep.secret.clone();
-    cfg.auth.api_key = ep.api_key.clone();
-    // the old broker's last tasks may still hold the data dir for a moment after shutdown
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let broker = loop {
-        match switchboard::Broker::start(cfg.clone()).await {
-            Ok(broker) => break broker,
-            Err(e) if std::time::Instant::now() < deadline => {
-                eprintln!("restart on the same dir: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("restart on the same dir after shutdown: {e}"),
-        }
-    };
-    let b2 = TestBroker::adopt(broker, dir, &cfg);
+    let b2 = b.restart().await;
     let bc = b2.connect(&bob, "b1").await;
     let h = bc.ok("history", json!({"conv": dm(&alice, &bob)})).await;
     assert_eq!(h["messages"].as_array().map(Vec::len), Some(1), "{h}");

@@ -351,7 +351,15 @@ pub struct TestBroker {
     broker: Option<Broker>,
     pub ep: Endpoint,
     pub dir: TempDir,
+    /// The config it runs on (for a restart on the same dir).
+    pub cfg: Config,
+    _slot: tokio::sync::SemaphorePermit<'static>,
 }
+
+/// In-process brokers running at once in one test binary. sled 0.34 shares a process-wide
+/// lock and I/O thread pool between databases; with many brokers flushing at once in one
+/// process (e.g. `--test-threads=16`) it was seen to deadlock, so the harness keeps a few.
+static BROKER_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 impl std::ops::Deref for TestBroker {
     type Target = Endpoint;
@@ -386,22 +394,8 @@ impl TestBroker {
 
     /// Starts on exactly `cfg` (which should point into `dir`).
     pub async fn start_config(dir: TempDir, cfg: Config) -> TestBroker {
-        let (secret, api_key) = (cfg.auth.jwt_secret.clone(), cfg.auth.api_key.clone());
-        let broker = Broker::start(cfg).await.expect("broker starts");
-        let addr = broker.local_addr();
-        TestBroker {
-            broker: Some(broker),
-            ep: Endpoint {
-                addr,
-                secret,
-                api_key,
-            },
-            dir,
-        }
-    }
-
-    /// Wraps a broker started by the test itself on `cfg`.
-    pub fn adopt(broker: Broker, dir: TempDir, cfg: &Config) -> TestBroker {
+        let slot = BROKER_SLOTS.acquire().await.expect("semaphore open");
+        let broker = Broker::start(cfg.clone()).await.expect("broker starts");
         let ep = Endpoint {
             addr: broker.local_addr(),
             secret: cfg.auth.jwt_secret.clone(),
@@ -411,7 +405,30 @@ impl TestBroker {
             broker: Some(broker),
             ep,
             dir,
+            cfg,
+            _slot: slot,
         }
+    }
+
+    /// Shuts down (if still running) and starts again on the same data dir and credentials,
+    /// on a new port. The old broker's last tasks may hold the directory for a moment after
+    /// shutdown, so a refused open is retried for up to 5 s.
+    pub async fn restart(mut self) -> TestBroker {
+        self.shutdown().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let broker = loop {
+            match Broker::start(self.cfg.clone()).await {
+                Ok(broker) => break broker,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("restart on the same dir: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("restart on the same dir after shutdown: {e}"),
+            }
+        };
+        self.ep.addr = broker.local_addr();
+        self.broker = Some(broker);
+        self
     }
 
     /// Graceful shutdown (sessions closed with 4000, log flushed).
