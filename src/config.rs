@@ -49,6 +49,7 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     pub presence: PresenceConfig,
     pub typing: TypingConfig,
+    pub calls: CallsConfig,
     pub shutdown: ShutdownConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
@@ -152,6 +153,15 @@ pub struct PresenceConfig {
 #[serde(deny_unknown_fields)]
 pub struct TypingConfig {
     pub expire_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallsConfig {
+    /// A participant whose last device stays gone this long leaves the call, ms.
+    pub drop_after_ms: u64,
+    /// Most users one call may invite.
+    pub max_invitees: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -265,6 +275,7 @@ impl Config {
             ("heartbeat.interval_ms", self.heartbeat.interval_ms),
             ("heartbeat.timeout_ms", self.heartbeat.timeout_ms),
             ("typing.expire_ms", self.typing.expire_ms),
+            ("calls.max_invitees", self.calls.max_invitees as u64),
             ("server.max_body_bytes", self.server.max_body_bytes as u64),
         ];
         for (key, v) in positive {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
+use crate::log::event::Devices;
 use crate::protocol::frames::Platform;
 use crate::protocol::{CloseCode, Codec};
 
@@ -37,6 +38,7 @@ pub struct SessionStart {
     /// Replay the inbox in `(since, head]`.
     pub replay: Option<(u64, u64)>,
     pub user: String,
+    pub device: String,
     pub sync: Bytes,
     pub snapshot: Bytes,
 }
@@ -192,18 +194,23 @@ impl Registry {
         self.sessions.values()
     }
 
-    /// Pushes `value` to every session of every user in `users`.
+    /// Pushes `value` to the sessions of every user in `users` whose device `devices`
+    /// includes.
     /// Returns how many sessions it reached and the sessions that must be dropped (slow
     /// ones are already asked to close with 4008).
     pub fn deliver<'u, T: serde::Serialize>(
         &self,
         users: impl IntoIterator<Item = &'u String>,
+        devices: Devices<'_>,
         enc: &mut Encoded<'_, T>,
     ) -> (usize, Vec<SessionId>) {
         let mut reached = 0;
         let mut dead = Vec::new();
         for user in users {
             for h in self.of_user(user) {
+                if !devices.includes(&h.device) {
+                    continue;
+                }
                 let Some(bytes) = enc.get(h.codec) else {
                     continue;
                 };

@@ -251,10 +251,7 @@ async fn call(gw: &Gateway, cmd: ApiCmd) -> Result<Response<Body>, ProtoError> {
 }
 
 fn check_body(gw: &Gateway, body: &Value) -> Result<(), ProtoError> {
-    let n = serde_json::to_vec(body)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
-    if n > gw.config.limits.max_body_bytes {
+    if crate::protocol::codec::json_len(body) > gw.config.limits.max_body_bytes {
         return Err(ProtoError::too_large(format!(
             "body is over {} bytes encoded",
             gw.config.limits.max_body_bytes

@@ -260,7 +260,10 @@ async fn read_loop(
                         },
                     }
                 }
-                ClientOp::Send(s) if body_len(&s.body) > gw.config.limits.max_body_bytes => {
+                ClientOp::Send(s)
+                    if crate::protocol::codec::json_len(&s.body)
+                        > gw.config.limits.max_body_bytes =>
+                {
                     Command::Reject {
                         session: id,
                         id: f.id,
@@ -361,23 +364,6 @@ fn reply_now(tx: &mpsc::Sender<Outbound>, codec: Codec, re: Option<u32>, e: Prot
     if let Some(b) = encode_reply(codec, re, &Err(e)) {
         let _ = tx.try_send(Outbound::Frame(b));
     }
-}
-
-/// Size of a message body, measured as JSON.
-fn body_len(v: &serde_json::Value) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0 += b.len();
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut c = Counter(0);
-    let _ = serde_json::to_writer(&mut c, v);
-    c.0
 }
 
 /// The close code to answer a client's close with.
@@ -528,8 +514,8 @@ async fn write_start(
         let mut sent = 0usize;
         for off in gw.store.inbox(&start.user, since, head) {
             let record = match off.and_then(|off| gw.store.get(off)) {
-                Ok(Some(r)) => r,
-                Ok(None) => continue,
+                Ok(Some(r)) if r.event.devices().includes(&start.device) => r,
+                Ok(_) => continue,
                 Err(e) => {
                     tracing::error!(error = %e, user = %start.user, "replay read failed");
                     return Err(WebSocketError::ConnectionClosed);

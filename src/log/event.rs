@@ -110,6 +110,119 @@ pub struct ContactsEv {
     pub contacts: Vec<String>,
 }
 
+/// A call's media kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Media {
+    Audio,
+    Video,
+}
+
+/// Why a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    Hangup,
+    Rejected,
+    NoAnswer,
+    Busy,
+    TimeLimit,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallInviteEv {
+    pub call: String,
+    pub from: String,
+    pub device: String,
+    /// Every invited user (busy ones included).
+    pub to: Vec<String>,
+    pub media: Media,
+    pub ring_ms: u64,
+    pub time_limit_s: Option<u64>,
+    pub meta: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallUserEv {
+    pub call: String,
+    pub user: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallAcceptedEv {
+    pub call: String,
+    pub user: String,
+    pub device: String,
+}
+
+/// To the accepting user's other devices: `device` is the one that accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallAnsweredElsewhereEv {
+    pub call: String,
+    pub user: String,
+    pub device: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallRejectedEv {
+    pub call: String,
+    pub user: String,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallSignalEv {
+    pub call: String,
+    pub from: String,
+    pub device: String,
+    /// The one device of the target that receives it (`None`: all of them).
+    pub to_device: Option<String>,
+    pub kind: String,
+    pub data: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallMediaEv {
+    pub call: String,
+    pub user: String,
+    pub audio: bool,
+    pub video: bool,
+    pub hold: bool,
+    pub screen: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallNetworkEv {
+    pub call: String,
+    pub user: String,
+    pub quality: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallTimeWarningEv {
+    pub call: String,
+    pub remaining_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallEndedEv {
+    pub call: String,
+    pub reason: EndReason,
+    /// Who hung up (for `hangup`).
+    pub by: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// A push the push worker owes: a call invite to a user with no live device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushRequestEv {
+    pub user: String,
+    pub kind: String,
+    pub call: String,
+    /// Unix ms after which the push is pointless (the ring is over).
+    pub expires_at: u64,
+}
+
 /// Every durable event type. The tag is the wire `ev` name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "ev")]
@@ -128,6 +241,48 @@ pub enum Event {
     RoomMember(RoomMemberEv),
     #[serde(rename = "contacts")]
     Contacts(ContactsEv),
+    #[serde(rename = "call.invite")]
+    CallInvite(CallInviteEv),
+    #[serde(rename = "call.busy")]
+    CallBusy(CallUserEv),
+    #[serde(rename = "call.accepted")]
+    CallAccepted(CallAcceptedEv),
+    #[serde(rename = "call.answered_elsewhere")]
+    CallAnsweredElsewhere(CallAnsweredElsewhereEv),
+    #[serde(rename = "call.rejected")]
+    CallRejected(CallRejectedEv),
+    #[serde(rename = "call.signal")]
+    CallSignal(CallSignalEv),
+    #[serde(rename = "call.media")]
+    CallMedia(CallMediaEv),
+    #[serde(rename = "call.network")]
+    CallNetwork(CallNetworkEv),
+    #[serde(rename = "call.left")]
+    CallLeft(CallUserEv),
+    #[serde(rename = "call.time_warning")]
+    CallTimeWarning(CallTimeWarningEv),
+    #[serde(rename = "call.ended")]
+    CallEnded(CallEndedEv),
+    #[serde(rename = "push.request")]
+    PushRequest(PushRequestEv),
+}
+
+/// Which of a recipient user's devices an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Devices<'a> {
+    All,
+    Only(&'a str),
+    AllBut(&'a str),
+}
+
+impl Devices<'_> {
+    pub fn includes(&self, device: &str) -> bool {
+        match self {
+            Devices::All => true,
+            Devices::Only(d) => *d == device,
+            Devices::AllBut(d) => *d != device,
+        }
+    }
 }
 
 impl Event {
@@ -141,6 +296,31 @@ impl Event {
             Event::RoomCreated(_) => "room.created",
             Event::RoomMember(_) => "room.member",
             Event::Contacts(_) => "contacts",
+            Event::CallInvite(_) => "call.invite",
+            Event::CallBusy(_) => "call.busy",
+            Event::CallAccepted(_) => "call.accepted",
+            Event::CallAnsweredElsewhere(_) => "call.answered_elsewhere",
+            Event::CallRejected(_) => "call.rejected",
+            Event::CallSignal(_) => "call.signal",
+            Event::CallMedia(_) => "call.media",
+            Event::CallNetwork(_) => "call.network",
+            Event::CallLeft(_) => "call.left",
+            Event::CallTimeWarning(_) => "call.time_warning",
+            Event::CallEnded(_) => "call.ended",
+            Event::PushRequest(_) => "push.request",
+        }
+    }
+
+    /// The devices of each recipient that get this event (live and in a replay): a signal
+    /// addressed to one device goes there only; `answered_elsewhere` skips the device
+    /// that answered.
+    pub fn devices(&self) -> Devices<'_> {
+        match self {
+            Event::CallSignal(CallSignalEv {
+                to_device: Some(d), ..
+            }) => Devices::Only(d),
+            Event::CallAnsweredElsewhere(e) => Devices::AllBut(&e.device),
+            _ => Devices::All,
         }
     }
 }

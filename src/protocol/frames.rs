@@ -130,6 +130,78 @@ pub struct RefreshOp {
     pub token: String,
 }
 
+/// Signal-quality reports of `call.network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quality {
+    Poor,
+    Ok,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CallInviteOp {
+    #[serde(default)]
+    pub to: Option<Vec<String>>,
+    #[serde(default)]
+    pub conv: Option<String>,
+    pub media: crate::log::event::Media,
+    #[serde(default)]
+    pub ring_ms: Option<u64>,
+    #[serde(default)]
+    pub time_limit_s: Option<u64>,
+    #[serde(default)]
+    pub meta: Value,
+}
+
+/// `call.accept`, `call.leave`, `call.end`: just the call.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CallRefOp {
+    pub call: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CallRejectOp {
+    pub call: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CallSignalOp {
+    pub call: String,
+    pub to: String,
+    #[serde(default)]
+    pub to_device: Option<String>,
+    pub kind: String,
+    #[serde(default)]
+    pub data: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CallMediaOp {
+    pub call: String,
+    #[serde(default)]
+    pub audio: Option<bool>,
+    #[serde(default)]
+    pub video: Option<bool>,
+    #[serde(default)]
+    pub hold: Option<bool>,
+    #[serde(default)]
+    pub screen: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CallNetworkOp {
+    pub call: String,
+    pub quality: Quality,
+}
+
+/// Ring time bounds (rule 18), ms.
+pub const RING_MS: std::ops::RangeInclusive<u64> = 1_000..=300_000;
+pub const DEFAULT_RING_MS: u64 = 30_000;
+/// Call time limit bounds (rule 18), s.
+pub const TIME_LIMIT_S: std::ops::RangeInclusive<u64> = 1..=86_400;
+
 /// Every operation a client may send.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "op")]
@@ -152,6 +224,22 @@ pub enum ClientOp {
     Unread {},
     #[serde(rename = "presence")]
     Presence(PresenceOp),
+    #[serde(rename = "call.invite")]
+    CallInvite(CallInviteOp),
+    #[serde(rename = "call.accept")]
+    CallAccept(CallRefOp),
+    #[serde(rename = "call.reject")]
+    CallReject(CallRejectOp),
+    #[serde(rename = "call.signal")]
+    CallSignal(CallSignalOp),
+    #[serde(rename = "call.media")]
+    CallMedia(CallMediaOp),
+    #[serde(rename = "call.network")]
+    CallNetwork(CallNetworkOp),
+    #[serde(rename = "call.leave")]
+    CallLeave(CallRefOp),
+    #[serde(rename = "call.end")]
+    CallEnd(CallRefOp),
 }
 
 impl ClientOp {
@@ -167,6 +255,14 @@ impl ClientOp {
             ClientOp::Conversations(_) => "conversations",
             ClientOp::Unread {} => "unread",
             ClientOp::Presence(_) => "presence",
+            ClientOp::CallInvite(_) => "call.invite",
+            ClientOp::CallAccept(_) => "call.accept",
+            ClientOp::CallReject(_) => "call.reject",
+            ClientOp::CallSignal(_) => "call.signal",
+            ClientOp::CallMedia(_) => "call.media",
+            ClientOp::CallNetwork(_) => "call.network",
+            ClientOp::CallLeave(_) => "call.leave",
+            ClientOp::CallEnd(_) => "call.end",
         }
     }
 }
@@ -276,6 +372,45 @@ fn check_formats(op: &ClientOp) -> Result<(), ProtoError> {
             crate::state::ConvId::parse(&h.conv).map(|_| ())
         }
         ClientOp::Conversations(c) => check_limit(c.limit),
+        ClientOp::CallInvite(c) => {
+            match (&c.to, &c.conv) {
+                (Some(to), None) => {
+                    if to.is_empty() {
+                        return Err(ProtoError::bad_request("`to` lists at least one user"));
+                    }
+                    for u in to {
+                        check_user("to", u)?;
+                    }
+                }
+                (None, Some(conv)) => {
+                    crate::state::ConvId::parse(conv)?;
+                }
+                _ => {
+                    return Err(ProtoError::bad_request(
+                        "`call.invite` needs exactly one of `to` and `conv`",
+                    ))
+                }
+            }
+            if c.time_limit_s.is_some_and(|t| !TIME_LIMIT_S.contains(&t)) {
+                return Err(ProtoError::bad_request("`time_limit_s` must be 1-86400"));
+            }
+            Ok(())
+        }
+        ClientOp::CallSignal(s) => {
+            check_id("call", &s.call, MAX_ID_LEN)?;
+            check_user("to", &s.to)?;
+            check_id("kind", &s.kind, MAX_ID_LEN)?;
+            match &s.to_device {
+                Some(d) => check_id("to_device", d, MAX_ID_LEN),
+                None => Ok(()),
+            }
+        }
+        ClientOp::CallAccept(c) | ClientOp::CallLeave(c) | ClientOp::CallEnd(c) => {
+            check_id("call", &c.call, MAX_ID_LEN)
+        }
+        ClientOp::CallReject(c) => check_id("call", &c.call, MAX_ID_LEN),
+        ClientOp::CallMedia(c) => check_id("call", &c.call, MAX_ID_LEN),
+        ClientOp::CallNetwork(c) => check_id("call", &c.call, MAX_ID_LEN),
         ClientOp::Refresh(_) | ClientOp::Unread {} | ClientOp::Presence(_) => Ok(()),
     }
 }

@@ -17,6 +17,7 @@
 //!   what they cause is decided here like any command.
 
 mod api_ops;
+mod calls;
 pub mod command;
 mod presence;
 mod session_ops;
@@ -33,6 +34,7 @@ use tokio_util::time::DelayQueue;
 
 use crate::config::{Config, Durability};
 use crate::fanout::{Encoded, Outbound, Registry, SessionId};
+use crate::log::event::Devices;
 use crate::log::{Event, LogError, Record, Store};
 use crate::protocol::{Codec, ProtoError};
 use crate::state::State;
@@ -71,6 +73,8 @@ pub struct Settings {
     pub max_connections: usize,
     pub grace: Duration,
     pub typing_expire: Duration,
+    pub call_drop_after: Duration,
+    pub max_invitees: usize,
 }
 
 impl Settings {
@@ -82,6 +86,8 @@ impl Settings {
             max_connections: c.limits.max_connections,
             grace: Duration::from_millis(c.presence.grace_ms),
             typing_expire: Duration::from_millis(c.typing.expire_ms),
+            call_drop_after: Duration::from_millis(c.calls.drop_after_ms),
+            max_invitees: c.calls.max_invitees,
         }
     }
 }
@@ -95,6 +101,23 @@ enum Timer {
     },
     TypingExpire {
         conv: String,
+        user: String,
+        gen: u64,
+    },
+    /// A call's ring time is over.
+    Ring {
+        call: String,
+    },
+    /// One minute of a call's time limit is left.
+    TimeWarning {
+        call: String,
+    },
+    /// A call's time limit is reached.
+    TimeLimit {
+        call: String,
+    },
+    /// A call participant's last device has been gone for `calls.drop_after_ms`.
+    CallDrop {
         user: String,
         gen: u64,
     },
@@ -209,6 +232,8 @@ pub struct Sequencer {
     presence_gen: HashMap<String, u64>,
     /// Unix ms when each user's last device left (their `last_seen` once offline).
     last_disconnect: HashMap<String, u64>,
+    /// Generation of the newest call-drop timer per user.
+    call_drop_gen: HashMap<String, u64>,
     /// Active typing indicators: (conv, user) -> generation of the newest renewal.
     typing: HashMap<(String, String), u64>,
     next_gen: u64,
@@ -243,6 +268,7 @@ impl Sequencer {
             presence_gen: HashMap::new(),
             last_disconnect: HashMap::new(),
             typing: HashMap::new(),
+            call_drop_gen: HashMap::new(),
             next_gen: 0,
             draining: false,
             committed_head: head,
@@ -252,6 +278,7 @@ impl Sequencer {
             last_ts,
         };
         s.arm_presence_after_restart();
+        s.arm_calls_after_restart();
         s
     }
 
@@ -334,9 +361,25 @@ impl Sequencer {
     /// Appends a new record to the batch and applies it to State. Returns its index in
     /// the batch, offset and timestamp.
     fn emit(&mut self, to: Vec<String>, event: Event) -> (usize, u64, u64) {
-        let off = self.committed_head + self.pending.len() as u64 + 1;
+        let ts = self.stamp();
+        self.emit_at(to, event, ts)
+    }
+
+    /// A timestamp for the next record: wall clock, never below the previous one.
+    fn stamp(&mut self) -> u64 {
         let ts = now_ms().max(self.last_ts);
         self.last_ts = ts;
+        ts
+    }
+
+    /// The offset the next emitted record gets.
+    fn next_off(&self) -> u64 {
+        self.committed_head + self.pending.len() as u64 + 1
+    }
+
+    /// [`Sequencer::emit`] with a timestamp taken by [`Sequencer::stamp`].
+    fn emit_at(&mut self, to: Vec<String>, event: Event, ts: u64) -> (usize, u64, u64) {
+        let off = self.next_off();
         let record = Record { off, ts, to, event };
         self.state.apply(&record);
         let idx = self.pending.len();
@@ -433,13 +476,13 @@ impl Sequencer {
                     let r = &records[idx];
                     let wire = r.wire();
                     let mut enc = Encoded::new(&wire);
-                    let (n, d) = self.registry.deliver(&r.to, &mut enc);
+                    let (n, d) = self.registry.deliver(&r.to, r.event.devices(), &mut enc);
                     reached[idx] = n;
                     dead.extend(d);
                 }
                 Effect::Ephemeral { users, frame } => {
                     let mut enc = Encoded::new(&frame);
-                    let (_, d) = self.registry.deliver(&users, &mut enc);
+                    let (_, d) = self.registry.deliver(&users, Devices::All, &mut enc);
                     dead.extend(d);
                 }
                 Effect::Answer {
@@ -506,6 +549,10 @@ impl Sequencer {
         match t {
             Timer::PresenceGrace { user, gen } => self.presence_grace_expired(&user, gen),
             Timer::TypingExpire { conv, user, gen } => self.typing_expired(conv, user, gen),
+            Timer::Ring { call } => self.ring_expired(&call),
+            Timer::TimeWarning { call } => self.time_warning(&call),
+            Timer::TimeLimit { call } => self.time_limit(&call),
+            Timer::CallDrop { user, gen } => self.call_drop(&user, gen),
         }
     }
 

@@ -100,6 +100,7 @@ impl Sequencer {
                 reply: super::encode_reply(codec, reply_id, &Ok(reply))?,
                 replay,
                 user: user.clone(),
+                device: handle.device.clone(),
                 sync: codec.encode(&json!({"ev": "sync", "head": head})).ok()?,
                 snapshot: codec.encode(&snapshot).ok()?,
             })
@@ -136,6 +137,9 @@ impl Sequencer {
         self.last_disconnect.insert(h.user.clone(), now_ms());
         if !self.draining {
             self.presence_refresh(&h.user);
+            if self.registry.device_count(&h.user) == 0 {
+                self.arm_call_drop(&h.user);
+            }
         }
     }
 
@@ -171,6 +175,14 @@ impl Sequencer {
                 self.presence_set(&user, p.status);
                 Ok(json!({"status": p.status}))
             }
+            op @ (ClientOp::CallInvite(_)
+            | ClientOp::CallAccept(_)
+            | ClientOp::CallReject(_)
+            | ClientOp::CallSignal(_)
+            | ClientOp::CallMedia(_)
+            | ClientOp::CallNetwork(_)
+            | ClientOp::CallLeave(_)
+            | ClientOp::CallEnd(_)) => self.call_op(&user, &device, op),
             ClientOp::Hello(_) => Err(ProtoError::conflict("this session already said hello")),
             ClientOp::Refresh(_) => {
                 Err(ProtoError::bad_request("refresh is handled by the session"))
@@ -180,7 +192,7 @@ impl Sequencer {
     }
 
     /// Membership as an error: `not_found` for a missing room, `forbidden` otherwise.
-    fn require_member(&self, conv: &ConvId, user: &str) -> Result<(), ProtoError> {
+    pub(super) fn require_member(&self, conv: &ConvId, user: &str) -> Result<(), ProtoError> {
         self.state.check_member(conv, user).map_err(|exists| {
             if exists {
                 ProtoError::forbidden(format!("{user} is not a member of {conv}"))

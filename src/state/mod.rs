@@ -5,10 +5,12 @@
 //! log always yields the same State (the seam for snapshots and a replicated log).
 //! Live sessions are not State: they are the runtime registry of the fan-out.
 
+mod calls;
 mod conversations;
 mod convid;
 mod presence;
 
+pub use calls::{Call, Calls, Initiator, Invitee, MediaFlags, Phase};
 pub use conversations::{ConvKind, Conversation, Marks};
 pub use convid::ConvId;
 pub use presence::{views as presence_views, PresenceState, View};
@@ -41,6 +43,7 @@ pub struct State {
     pub last_ts: u64,
     pub convs: HashMap<String, Conversation>,
     pub users: HashMap<String, UserState>,
+    pub calls: Calls,
 }
 
 impl State {
@@ -162,6 +165,18 @@ impl State {
                     self.user_mut(added).contacted_by.insert(c.user.clone());
                 }
             }
+            Event::CallInvite(_)
+            | Event::CallBusy(_)
+            | Event::CallAccepted(_)
+            | Event::CallRejected(_)
+            | Event::CallLeft(_)
+            | Event::CallMedia(_)
+            | Event::CallEnded(_) => self.calls.apply(r.ts, &r.event),
+            Event::CallAnsweredElsewhere(_)
+            | Event::CallSignal(_)
+            | Event::CallNetwork(_)
+            | Event::CallTimeWarning(_)
+            | Event::PushRequest(_) => {}
         }
     }
 
