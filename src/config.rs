@@ -147,6 +147,8 @@ pub struct HeartbeatConfig {
 #[serde(deny_unknown_fields)]
 pub struct PresenceConfig {
     pub grace_ms: u64,
+    /// Schedule of the leftover sweep (cron with seconds).
+    pub sweep_cron: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

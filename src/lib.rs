@@ -10,6 +10,7 @@ pub mod fanout;
 pub mod gateway;
 pub mod log;
 pub mod protocol;
+pub mod scheduler;
 pub mod sequencer;
 pub mod state;
 pub mod telemetry;
@@ -38,6 +39,8 @@ pub enum Error {
     Auth(#[from] gateway::auth::AuthError),
     #[error(transparent)]
     Tls(#[from] gateway::tls::TlsError),
+    #[error(transparent)]
+    Scheduler(#[from] scheduler::SchedulerError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -52,6 +55,7 @@ pub struct Broker {
     commands: mpsc::Sender<Command>,
     sequencer: JoinHandle<()>,
     accept: JoinHandle<()>,
+    scheduler: scheduler::Scheduler,
     shutdown_timeout: Duration,
 }
 
@@ -114,6 +118,7 @@ impl Broker {
         );
         let sequencer = tokio::spawn(seq.run());
         let shutdown_timeout = Duration::from_millis(config.shutdown.timeout_ms);
+        let scheduler = scheduler::Scheduler::start(&config, tx.clone()).await?;
         let gw = Arc::new(Gateway::new(
             config,
             tx.clone(),
@@ -130,6 +135,7 @@ impl Broker {
             commands: tx,
             sequencer,
             accept,
+            scheduler,
             shutdown_timeout,
         })
     }
@@ -143,6 +149,7 @@ impl Broker {
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         self.gateway.stop_http.cancel();
+        self.scheduler.stop().await;
         let _ = self.commands.send(Command::Drain).await;
         self.gateway.shutdown.cancel();
         self.gateway.tracker.close();

@@ -26,6 +26,8 @@ pub const DUPLICATES: &str = "switchboard_duplicate_sends_total";
 pub const FRAMES_IN: &str = "switchboard_frames_received_total";
 /// WebSocket sessions closed by the server, by close code (counter, label `code`).
 pub const CLOSES: &str = "switchboard_sessions_closed_total";
+/// Leftovers the scheduled sweep ended, by kind (`session`, `presence`) (counter).
+pub const SWEEP_REMOVED: &str = "switchboard_sweep_removed_total";
 /// HTTP API requests, by status (counter, label `status`).
 pub const HTTP_REQUESTS: &str = "switchboard_http_requests_total";
 
@@ -89,6 +91,12 @@ fn describe() {
     );
     describe_counter!(CLOSES, "sessions closed by the server, by close code");
     describe_counter!(HTTP_REQUESTS, "HTTP API requests, by status");
+    describe_counter!(
+        SWEEP_REMOVED,
+        "leftover sessions and presence entries ended by the sweep, by kind"
+    );
+    metrics::counter!(SWEEP_REMOVED, "kind" => "session").absolute(0);
+    metrics::counter!(SWEEP_REMOVED, "kind" => "presence").absolute(0);
     metrics::counter!(EVENTS_APPENDED).absolute(0);
     metrics::counter!(QUEUE_DROPS).absolute(0);
     metrics::counter!(APPEND_FAILURES).absolute(0);

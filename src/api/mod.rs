@@ -57,7 +57,10 @@ async fn dispatch(req: Request<Incoming>, gw: &Arc<Gateway>) -> Result<Response<
         _ => {}
     }
     if !path.starts_with("/v1/") {
-        return Err(ProtoError::not_found(format!("no route {path}")));
+        return match path.as_str() {
+            "/health" | "/metrics" => Ok(method_not_allowed("GET")),
+            _ => Err(ProtoError::not_found(format!("no route {path}"))),
+        };
     }
     authorize(&req, gw)?;
     let segs: Vec<String> = path["/v1/".len()..]
@@ -193,8 +196,42 @@ async fn dispatch(req: Request<Incoming>, gw: &Arc<Gateway>) -> Result<Response<
         (Method::GET, ["events"]) => events::handle(&req, gw, &query).await,
         (Method::GET, ["connections"]) => call(gw, ApiCmd::Connections).await,
         (Method::GET, ["stats"]) => call(gw, ApiCmd::Stats).await,
-        (_, _) => Err(ProtoError::not_found(format!("no route {path}"))),
+        (_, route) => match allowed_methods(route) {
+            Some(allow) => Ok(method_not_allowed(allow)),
+            None => Err(ProtoError::not_found(format!("no route {path}"))),
+        },
     }
+}
+
+/// The methods a known route answers (for 405), `None` for an unknown route.
+fn allowed_methods(route: &[&str]) -> Option<&'static str> {
+    match route {
+        ["users", _, "notices"]
+        | ["users", _, "disconnect"]
+        | ["rooms"]
+        | ["rooms", _, "messages"] => Some("POST"),
+        ["users", _, "presence"]
+        | ["conversations", _, "messages"]
+        | ["events"]
+        | ["connections"]
+        | ["stats"] => Some("GET"),
+        ["users", _, "contacts"] => Some("PUT"),
+        ["rooms", _, "members", _] => Some("PUT, DELETE"),
+        _ => None,
+    }
+}
+
+/// 405 with the `Allow` header.
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = json_response(
+        405,
+        &serde_json::json!({"error": {"code": "bad_request", "message": format!("method not allowed; use {allow}")}}),
+    );
+    r.headers_mut().insert(
+        hyper::header::ALLOW,
+        hyper::header::HeaderValue::from_static(allow),
+    );
+    r
 }
 
 fn health(gw: &Gateway) -> Response<Body> {
@@ -277,8 +314,7 @@ async fn read_json<T: DeserializeOwned>(
     max: usize,
 ) -> Result<T, ProtoError> {
     let bytes = read_bytes(req, max).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ProtoError::bad_request(format!("invalid JSON body: {e}")))
+    parse_object(&bytes)
 }
 
 async fn read_optional_json<T: DeserializeOwned>(
@@ -289,9 +325,18 @@ async fn read_optional_json<T: DeserializeOwned>(
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| ProtoError::bad_request(format!("invalid JSON body: {e}")))
+    parse_object(&bytes).map(Some)
+}
+
+/// A request body: a JSON object of the expected shape (serde would also read an array
+/// into a struct field by field; bodies are objects).
+fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtoError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ProtoError::bad_request(format!("invalid JSON body: {e}")))?;
+    if !value.is_object() {
+        return Err(ProtoError::bad_request("the body must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| ProtoError::bad_request(format!("invalid body: {e}")))
 }
 
 #[derive(Deserialize)]

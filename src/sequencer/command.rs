@@ -94,6 +94,8 @@ pub enum Command {
         error: ProtoError,
     },
     Api(ApiCmd, oneshot::Sender<ApiResult>),
+    /// The scheduled sweep: end leftover sessions and presence entries.
+    Sweep,
     /// Shutdown has begun: session ends no longer change presence.
     Drain,
     /// Commit, flush and stop.

@@ -75,6 +75,8 @@ pub struct Settings {
     pub typing_expire: Duration,
     pub call_drop_after: Duration,
     pub max_invitees: usize,
+    /// A session silent this long is a leftover for the sweep (twice the heartbeat timeout).
+    pub stale_after: Duration,
 }
 
 impl Settings {
@@ -88,6 +90,7 @@ impl Settings {
             typing_expire: Duration::from_millis(c.typing.expire_ms),
             call_drop_after: Duration::from_millis(c.calls.drop_after_ms),
             max_invitees: c.calls.max_invitees,
+            stale_after: Duration::from_millis(c.heartbeat.timeout_ms.saturating_mul(2)),
         }
     }
 }
@@ -350,6 +353,9 @@ impl Sequencer {
                 None,
             ),
             Command::Api(cmd, tx) => self.api(cmd, tx).await,
+            Command::Sweep => {
+                self.sweep();
+            }
             Command::Drain => self.draining = true,
             Command::Stop(tx) => return Some(tx),
         }
@@ -567,3 +573,6 @@ enum Next {
     Timer(Timer),
     Closed,
 }
+
+#[cfg(test)]
+mod tests;

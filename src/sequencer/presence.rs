@@ -95,6 +95,55 @@ impl Sequencer {
         }
     }
 
+    /// The scheduled sweep: sessions whose socket is gone (their queue is closed) or that
+    /// have been silent past `stale_after` are ended; users State shows online with no
+    /// device and no pending grace timer are published offline. Returns (sessions, users).
+    pub(super) fn sweep(&mut self) -> (usize, usize) {
+        let now = now_ms();
+        let stale_ms = self.settings.stale_after.as_millis() as u64;
+        let stale: Vec<u64> = self
+            .registry
+            .all()
+            .filter(|h| {
+                h.tx.is_closed()
+                    || now.saturating_sub(
+                        h.ctl
+                            .last_heard_ms
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                    ) > stale_ms
+            })
+            .map(|h| h.id)
+            .collect();
+        for id in &stale {
+            if let Some(h) = self.registry.get(*id) {
+                h.ctl.close_with(crate::protocol::CloseCode::GoingAway);
+            }
+            tracing::warn!(session = id, "sweep ended a leftover session");
+            self.drop_session(*id);
+        }
+        let leftover: Vec<String> = self
+            .state
+            .users
+            .iter()
+            .filter(|(id, u)| {
+                (u.presence.own.devices > 0 || u.presence.public.devices > 0)
+                    && self.registry.device_count(id) == 0
+                    && !self.presence_gen.contains_key(*id)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for user in &leftover {
+            tracing::warn!(user = %user, "sweep turned a leftover presence offline");
+            let chosen = self.state.chosen(user);
+            self.publish_presence(user, chosen, 0);
+        }
+        metrics::counter!(crate::telemetry::SWEEP_REMOVED, "kind" => "session")
+            .increment(stale.len() as u64);
+        metrics::counter!(crate::telemetry::SWEEP_REMOVED, "kind" => "presence")
+            .increment(leftover.len() as u64);
+        (stale.len(), leftover.len())
+    }
+
     /// Users State shows with devices get a grace timer: offline unless they come back.
     pub(super) fn arm_presence_after_restart(&mut self) {
         let online: Vec<String> = self
@@ -111,6 +160,7 @@ impl Sequencer {
 
     /// `presence.snapshot` entries: every user `user` can see, offline ones included.
     pub(super) fn snapshot(&self, user: &str) -> Vec<Value> {
+        let now = now_ms();
         self.state
             .audience(user)
             .into_iter()
@@ -120,7 +170,9 @@ impl Sequencer {
                     .user(&other)
                     .map(|u| u.presence.public)
                     .unwrap_or_default();
-                json!({"user": other, "status": v.status, "devices": v.devices, "last_seen": v.last_seen})
+                // `last_seen` is now while the user is online (rule 13).
+                let last_seen = if v.devices > 0 { Some(now) } else { v.last_seen };
+                json!({"user": other, "status": v.status, "devices": v.devices, "last_seen": last_seen})
             })
             .collect()
     }

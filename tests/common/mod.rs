@@ -1551,3 +1551,71 @@ mod self_tests {
         assert_eq!(parse_listen_line("starting addr=127.0.0.1:9"), None);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// added for the presence and HTTP API tests
+
+impl ConnectOpts {
+    /// Puts a `contacts` claim with these user ids in the minted token.
+    pub fn contacts(mut self, contacts: &[&str]) -> Self {
+        self.contacts = Some(contacts.iter().map(|c| c.to_string()).collect());
+        self
+    }
+}
+
+/// Status, content type and raw body of one HTTP answer (for non-text bodies).
+#[derive(Debug)]
+pub struct HttpBytes {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+impl Http {
+    /// `PUT` with a JSON body.
+    pub async fn put_json(&self, path: &str, body: Value) -> HttpReply {
+        self.send(
+            reqwest::Method::PUT,
+            path,
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+    }
+
+    /// `POST` with no body at all.
+    pub async fn post_empty(&self, path: &str) -> HttpReply {
+        self.send(reqwest::Method::POST, path, None).await
+    }
+
+    /// `GET` with an `Accept` header; the body is kept as bytes.
+    pub async fn get_bytes(&self, path: &str, accept: &str) -> HttpBytes {
+        let mut req = self
+            .client
+            .get(format!("{}{}", self.base, path))
+            .header("Accept", accept);
+        if let Some(k) = &self.key {
+            req = req.header("Authorization", format!("Bearer {k}"));
+        }
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body = resp
+            .bytes()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} body: {e}"))
+            .to_vec();
+        HttpBytes {
+            status,
+            content_type,
+            body,
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Scheduled jobs (tokio-cron-scheduler): each job only submits a command to the
+//! sequencer, which decides what the time means. Today: the leftover sweep
+//! (`presence.sweep_cron`).
+
+use tokio::sync::mpsc;
+use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
+
+use crate::config::Config;
+use crate::sequencer::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("config key {key}: {reason}")]
+    Schedule { key: &'static str, reason: String },
+    #[error("scheduler: {0}")]
+    Scheduler(#[from] JobSchedulerError),
+}
+
+/// The running scheduler.
+pub struct Scheduler {
+    inner: JobScheduler,
+}
+
+impl Scheduler {
+    pub async fn start(
+        config: &Config,
+        commands: mpsc::Sender<Command>,
+    ) -> Result<Scheduler, SchedulerError> {
+        let inner = JobScheduler::new().await?;
+        let cron = config.presence.sweep_cron.clone();
+        let sweep = Job::new_async(cron.as_str(), move |_, _| {
+            let commands = commands.clone();
+            Box::pin(async move {
+                // A full queue means the broker is busy; the next tick sweeps instead.
+                if commands.try_send(Command::Sweep).is_err() {
+                    tracing::debug!("sweep skipped: sequencer queue full");
+                }
+            })
+        })
+        .map_err(|e| SchedulerError::Schedule {
+            key: "presence.sweep_cron",
+            reason: format!(
+                "`{cron}` is not a cron schedule (sec min hour day month weekday): {e}"
+            ),
+        })?;
+        inner.add(sweep).await?;
+        inner.start().await?;
+        Ok(Scheduler { inner })
+    }
+
+    pub async fn stop(mut self) {
+        if let Err(e) = self.inner.shutdown().await {
+            tracing::warn!(error = %e, "scheduler shutdown failed");
+        }
+    }
+}
