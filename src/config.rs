@@ -50,6 +50,7 @@ pub struct Config {
     pub presence: PresenceConfig,
     pub typing: TypingConfig,
     pub calls: CallsConfig,
+    pub push: PushConfig,
     pub shutdown: ShutdownConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
@@ -168,6 +169,62 @@ pub struct CallsConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct PushConfig {
+    pub enabled: bool,
+    /// Wait before an owed push is sent, ms (0: `presence.grace_ms`).
+    pub delay_ms: u64,
+    pub preview: bool,
+    pub preview_max_chars: usize,
+    pub retry_base_ms: u64,
+    pub retry_cap_ms: u64,
+    /// Deadline of chat and notice pushes, s.
+    pub deadline_s: u64,
+    pub concurrency: usize,
+    pub breaker_probe_ms: u64,
+    pub fcm: FcmConfig,
+    pub apns: ApnsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmConfig {
+    pub base_url: String,
+    pub ca_cert: String,
+    pub apps: Vec<FcmApp>,
+}
+
+/// One FCM project's credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmApp {
+    pub name: String,
+    /// Path of the service-account JSON (its `token_uri` is where access tokens come from).
+    pub service_account: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsConfig {
+    pub base_url: String,
+    pub ca_cert: String,
+    pub apps: Vec<ApnsApp>,
+}
+
+/// One APNs app: a token-auth key and the bundle id.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsApp {
+    pub name: String,
+    /// Path of the `.p8` key (PKCS#8 EC P-256).
+    pub key_file: String,
+    pub key_id: String,
+    pub team_id: String,
+    /// The bundle id; VoIP pushes go to `<topic>.voip`.
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     pub timeout_ms: u64,
 }
@@ -278,6 +335,11 @@ impl Config {
             ("heartbeat.timeout_ms", self.heartbeat.timeout_ms),
             ("typing.expire_ms", self.typing.expire_ms),
             ("calls.max_invitees", self.calls.max_invitees as u64),
+            ("push.preview_max_chars", self.push.preview_max_chars as u64),
+            ("push.retry_base_ms", self.push.retry_base_ms),
+            ("push.retry_cap_ms", self.push.retry_cap_ms),
+            ("push.concurrency", self.push.concurrency as u64),
+            ("push.breaker_probe_ms", self.push.breaker_probe_ms),
             ("server.max_body_bytes", self.server.max_body_bytes as u64),
         ];
         for (key, v) in positive {
@@ -316,11 +378,22 @@ fn apply_env(root: &mut toml::Table, name: &str, value: &str) -> Result<(), Conf
     let Some((section, key)) = rest.split_once("__") else {
         return Ok(());
     };
-    let (section, key) = (section.to_lowercase(), key.to_lowercase());
-    let dotted = format!("{section}.{key}");
-    let Some(toml::Value::Table(table)) = root.get_mut(&section) else {
-        return Err(key_error(dotted, "unknown section"));
+    // SWITCHBOARD_PUSH__FCM__BASE_URL reaches the nested table push.fcm.
+    let mut path: Vec<String> = std::iter::once(section)
+        .chain(key.split("__"))
+        .map(str::to_lowercase)
+        .collect();
+    let dotted = path.join(".");
+    let Some(key) = path.pop() else {
+        return Ok(());
     };
+    let mut table = &mut *root;
+    for part in &path {
+        match table.get_mut(part) {
+            Some(toml::Value::Table(t)) => table = t,
+            _ => return Err(key_error(dotted, "unknown section")),
+        }
+    }
     let Some(current) = table.get(&key) else {
         return Err(key_error(dotted, "unknown key"));
     };
@@ -375,12 +448,14 @@ mod tests {
                 ("SWITCHBOARD_LOG__DURABILITY", "interval"),
                 ("PATH", "/bin"),
                 ("SWITCHBOARD_REQUIRE_DB", "1"),
+                ("SWITCHBOARD_PUSH__FCM__BASE_URL", "http://127.0.0.1:9"),
             ]),
         )
         .unwrap();
         assert_eq!(c.presence.grace_ms, 200);
         assert_eq!(c.server.listen, "127.0.0.1:9001");
         assert_eq!(c.log.durability, Durability::Interval);
+        assert_eq!(c.push.fcm.base_url, "http://127.0.0.1:9");
     }
 
     #[test]

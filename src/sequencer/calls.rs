@@ -189,7 +189,7 @@ impl Sequencer {
         }
         let first = c.phase == Phase::Ringing;
         let limit = c.time_limit_s;
-        let to = c.participants();
+        let to = c.audience();
         self.emit(
             to,
             Event::CallAccepted(CallAcceptedEv {
@@ -246,7 +246,7 @@ impl Sequencer {
                 ))
             }
         }
-        let to = c.participants();
+        let to = c.audience();
         self.emit(
             to,
             Event::CallRejected(CallRejectedEv {
@@ -316,7 +316,7 @@ impl Sequencer {
             hold: op.hold.unwrap_or(now.hold),
             screen: op.screen.unwrap_or(now.screen),
         };
-        let to = c.participants();
+        let to = c.audience();
         self.emit(
             to,
             Event::CallMedia(CallMediaEv {
@@ -335,7 +335,7 @@ impl Sequencer {
 
     fn call_network(&mut self, user: &str, op: CallNetworkOp) -> Result<Value, ProtoError> {
         let c = self.live_call(&op.call, user)?;
-        let to = c.participants();
+        let to = c.audience();
         let quality = match op.quality {
             Quality::Poor => "poor",
             Quality::Ok => "ok",
@@ -367,7 +367,7 @@ impl Sequencer {
         let Some(c) = self.state.calls.get(id) else {
             return;
         };
-        let to = c.participants();
+        let to = c.audience();
         self.emit(
             to,
             Event::CallLeft(CallUserEv {
@@ -383,7 +383,11 @@ impl Sequencer {
     }
 
     fn call_end(&mut self, user: &str, id: &str) -> Result<Value, ProtoError> {
-        self.live_call(id, user)?;
+        if !self.live_call(id, user)?.is_in(user) {
+            return Err(ProtoError::conflict(format!(
+                "{user} is not in call {id} any more"
+            )));
+        }
         self.end_call(id, EndReason::Hangup, Some(user.to_string()));
         Ok(json!({"call": id}))
     }
@@ -396,7 +400,7 @@ impl Sequencer {
         if c.is_ended() {
             return;
         }
-        let to = c.participants();
+        let to = c.audience();
         let phase = c.phase;
         let ts = self.stamp();
         let duration_ms = match phase {
@@ -432,7 +436,7 @@ impl Sequencer {
                     .filter(|(_, s)| **s == Invitee::Ringing)
                     .map(|(u, _)| u.clone())
                     .collect();
-                let to = c.participants();
+                let to = c.audience();
                 for u in ringing {
                     self.emit(
                         to.clone(),
@@ -463,7 +467,7 @@ impl Sequencer {
         let Some(c) = self.state.calls.get(id) else {
             return;
         };
-        let to = c.participants();
+        let to = c.audience();
         self.emit(
             to,
             Event::CallTimeWarning(CallTimeWarningEv {

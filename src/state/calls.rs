@@ -77,11 +77,25 @@ pub struct Call {
 }
 
 impl Call {
-    /// The initiator and every invitee: the audience of the call's events.
+    /// The initiator and every invitee.
     pub fn participants(&self) -> Vec<String> {
         let mut v = Vec::with_capacity(1 + self.invitees.len());
         v.push(self.initiator.clone());
         v.extend(self.invitees.keys().cloned());
+        v
+    }
+
+    /// Who receives the call's events: every participant but busy invitees (they were
+    /// never rung, so they never hear of the call).
+    pub fn audience(&self) -> Vec<String> {
+        let mut v = Vec::with_capacity(1 + self.invitees.len());
+        v.push(self.initiator.clone());
+        v.extend(
+            self.invitees
+                .iter()
+                .filter(|(_, s)| **s != Invitee::Busy)
+                .map(|(u, _)| u.clone()),
+        );
         v
     }
 
