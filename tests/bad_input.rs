@@ -309,7 +309,7 @@ async fn fragmented_message_over_max_frame_bytes_closes_1009() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_consumer_is_closed_4008_and_catches_up_with_since() {
-    let b = TestBroker::start_with(|c| c.limits.outbound_queue = 8).await;
+    let b = TestBroker::start_with(|c| c.limits.outbound_queue = 32).await;
     let (alice, bob) = (uid("alice"), uid("bob"));
     let conv = dm(&alice, &bob);
     // a tiny receive buffer, so the server's writes back up after a few frames
@@ -330,7 +330,8 @@ async fn slow_consumer_is_closed_4008_and_catches_up_with_since() {
         .map(|i| json!({"op": "send", "to": alice, "body": {"i": i, "pad": "p".repeat(15_000)}, "cid": format!("f{i}")}))
         .collect();
     // a slow consumer never slows the sender down: every send is acked while alice sleeps.
-    // The window stays under the queue of 8 so the flooder's own acks never overflow it.
+    // The flooder gets an ack and its own message event per send: a window of 4 keeps that
+    // far under the queue of 32, so only the sleeping consumer overflows.
     let acks = flooder.pipeline(frames, 4).await;
     assert!(
         acks.iter().all(|a| a["ok"] == json!(true)),
