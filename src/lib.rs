@@ -10,6 +10,7 @@ pub mod fanout;
 pub mod gateway;
 pub mod log;
 pub mod protocol;
+pub mod push;
 pub mod scheduler;
 pub mod sequencer;
 pub mod state;
@@ -41,6 +42,8 @@ pub enum Error {
     Tls(#[from] gateway::tls::TlsError),
     #[error(transparent)]
     Scheduler(#[from] scheduler::SchedulerError),
+    #[error("config key {0}")]
+    Push(#[from] push::providers::PushConfigError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -56,6 +59,7 @@ pub struct Broker {
     sequencer: JoinHandle<()>,
     accept: JoinHandle<()>,
     scheduler: scheduler::Scheduler,
+    push: Option<(tokio_util::sync::CancellationToken, JoinHandle<()>)>,
     shutdown_timeout: Duration,
 }
 
@@ -109,13 +113,31 @@ impl Broker {
         })?;
         let shared = Arc::new(Shared::new(state.head));
         let (tx, rx) = mpsc::channel(config.log.queue_capacity);
-        let seq = Sequencer::new(
+        let mut seq = Sequencer::new(
             Settings::from_config(&config),
             store.clone(),
             state,
             rx,
             shared.clone(),
         );
+        let push_configured =
+            !(config.push.fcm.apps.is_empty() && config.push.apns.apps.is_empty());
+        let push = if config.push.enabled && push_configured {
+            let providers = Arc::new(push::providers::Providers::from_config(&config.push)?);
+            let stop = tokio_util::sync::CancellationToken::new();
+            let (push_tx, handle) = push::worker::spawn(
+                &config.push,
+                store.clone(),
+                providers,
+                tx.clone(),
+                shared.clone(),
+                stop.clone(),
+            );
+            seq.set_push_worker(push_tx);
+            Some((stop, handle))
+        } else {
+            None
+        };
         let sequencer = tokio::spawn(seq.run());
         let shutdown_timeout = Duration::from_millis(config.shutdown.timeout_ms);
         let scheduler = scheduler::Scheduler::start(&config, tx.clone()).await?;
@@ -136,6 +158,7 @@ impl Broker {
             sequencer,
             accept,
             scheduler,
+            push,
             shutdown_timeout,
         })
     }
@@ -150,6 +173,10 @@ impl Broker {
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         self.gateway.stop_http.cancel();
         self.scheduler.stop().await;
+        if let Some((stop, handle)) = self.push {
+            stop.cancel();
+            let _ = handle.await;
+        }
         let _ = self.commands.send(Command::Drain).await;
         self.gateway.shutdown.cancel();
         self.gateway.tracker.close();

@@ -195,6 +195,24 @@ async fn dispatch(req: Request<Incoming>, gw: &Arc<Gateway>) -> Result<Response<
         }
         (Method::GET, ["events"]) => events::handle(&req, gw, &query).await,
         (Method::GET, ["connections"]) => call(gw, ApiCmd::Connections).await,
+        (Method::GET, ["push", "dead"]) => {
+            let limit = query_u64(&query, "limit")?.unwrap_or(100);
+            if !(1..=1000).contains(&limit) {
+                return Err(ProtoError::bad_request("`limit` must be 1-1000"));
+            }
+            let items: Vec<Value> = crate::push::worker::dead_letters(&gw.store, limit as usize)
+                .into_iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "id": d.job.id, "user": d.job.user, "device": d.job.device,
+                        "provider": d.job.provider, "token": crate::push::provider::redact(&d.job.token),
+                        "off": d.job.off, "kind": d.job.kind, "attempts": d.job.attempts,
+                        "reason": d.reason, "at": d.at_ms,
+                    })
+                })
+                .collect();
+            Ok(json_response(200, &serde_json::json!({"items": items})))
+        }
         (Method::GET, ["stats"]) => call(gw, ApiCmd::Stats).await,
         (_, route) => match allowed_methods(route) {
             Some(allow) => Ok(method_not_allowed(allow)),
@@ -214,6 +232,7 @@ fn allowed_methods(route: &[&str]) -> Option<&'static str> {
         | ["conversations", _, "messages"]
         | ["events"]
         | ["connections"]
+        | ["push", "dead"]
         | ["stats"] => Some("GET"),
         ["users", _, "contacts"] => Some("PUT"),
         ["rooms", _, "members", _] => Some("PUT, DELETE"),

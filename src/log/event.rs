@@ -223,6 +223,26 @@ pub struct PushRequestEv {
     pub expires_at: u64,
 }
 
+/// A device's push token (never sent to sockets: the audience is empty).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushTokenEv {
+    pub user: String,
+    pub device: String,
+    pub provider: crate::push::provider::ProviderKind,
+    pub token: String,
+    pub app: Option<String>,
+}
+
+/// A token dropped: unregistered by the device, replaced, or refused by the provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushTokenRemovedEv {
+    pub user: String,
+    pub device: String,
+    pub provider: crate::push::provider::ProviderKind,
+    pub token: String,
+    pub reason: String,
+}
+
 /// Every durable event type. The tag is the wire `ev` name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "ev")]
@@ -265,6 +285,10 @@ pub enum Event {
     CallEnded(CallEndedEv),
     #[serde(rename = "push.request")]
     PushRequest(PushRequestEv),
+    #[serde(rename = "push.token")]
+    PushToken(PushTokenEv),
+    #[serde(rename = "push.token_removed")]
+    PushTokenRemoved(PushTokenRemovedEv),
 }
 
 /// Which of a recipient user's devices an event is for.
@@ -308,6 +332,8 @@ impl Event {
             Event::CallTimeWarning(_) => "call.time_warning",
             Event::CallEnded(_) => "call.ended",
             Event::PushRequest(_) => "push.request",
+            Event::PushToken(_) => "push.token",
+            Event::PushTokenRemoved(_) => "push.token_removed",
         }
     }
 

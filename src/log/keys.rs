@@ -6,6 +6,8 @@
 //! b'i' len:u16 user off:u64             -> ()                             per-user inbox
 //! b'c' len:u16 conv seq:u64             -> off:u64                        per-conversation seq
 //! b'd' len:u16 user cid                 -> off:u64                        (user, cid) dedupe
+//! b'o' len:u16 user len:u16 device job:u64 -> msgpack(push job)           push outbox
+//! b'x' job:u64                           -> msgpack(dead push job)        push dead letters
 //! ```
 //! Variable-length parts carry a length prefix, so one user's keys never interleave with
 //! another's whose id it prefixes.
@@ -14,6 +16,8 @@ pub const EVENT: u8 = b'e';
 pub const INBOX: u8 = b'i';
 pub const CONV: u8 = b'c';
 pub const DEDUPE: u8 = b'd';
+pub const OUTBOX: u8 = b'o';
+pub const DEAD: u8 = b'x';
 
 pub fn event(off: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -61,6 +65,28 @@ pub fn conv_seq(conv: &str, seq: u64) -> Vec<u8> {
 pub fn dedupe(user: &str, cid: &str) -> Vec<u8> {
     let mut k = prefix(DEDUPE, user);
     k.extend_from_slice(cid.as_bytes());
+    k
+}
+
+/// The outbox prefix of one device: every push it is owed.
+pub fn outbox_device(user: &str, device: &str) -> Vec<u8> {
+    let mut k = prefix(OUTBOX, user);
+    let d = device.as_bytes();
+    k.extend_from_slice(&u16::try_from(d.len()).unwrap_or(u16::MAX).to_be_bytes());
+    k.extend_from_slice(d);
+    k
+}
+
+pub fn outbox(user: &str, device: &str, job: u64) -> Vec<u8> {
+    let mut k = outbox_device(user, device);
+    k.extend_from_slice(&job.to_be_bytes());
+    k
+}
+
+pub fn dead(job: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = DEAD;
+    k[1..].copy_from_slice(&job.to_be_bytes());
     k
 }
 

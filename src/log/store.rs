@@ -85,10 +85,22 @@ impl Store {
     /// Appends records (consecutive offsets) and their index entries in one atomic batch.
     /// Not durable until [`Store::flush`].
     pub fn append(&self, records: &[Record]) -> Result<(), LogError> {
-        if records.is_empty() {
+        self.append_with(records, &[])
+    }
+
+    /// [`Store::append`] plus extra entries (owed pushes) in the same atomic batch.
+    pub fn append_with(
+        &self,
+        records: &[Record],
+        extra: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<(), LogError> {
+        if records.is_empty() && extra.is_empty() {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
+        for (k, v) in extra {
+            batch.insert(k.as_slice(), v.as_slice());
+        }
         for r in records {
             batch.insert(&keys::event(r.off), encode_record(r)?);
             let off = r.off.to_be_bytes();
@@ -226,6 +238,52 @@ impl Store {
                 })?;
                 decode_record(off, &v)
             })
+    }
+
+    /// Every entry under a key prefix (outbox, dead letters), in key order.
+    pub fn scan_prefix(
+        &self,
+        prefix: &[u8],
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), LogError>> {
+        self.log.scan_prefix(prefix).map(|r| {
+            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(LogError::from)
+        })
+    }
+
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
+        Ok(self.log.get(key)?.map(|v| v.to_vec()))
+    }
+
+    pub fn put_raw(&self, key: &[u8], value: &[u8]) -> Result<(), LogError> {
+        self.log.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Removes `key` and, when given, writes `moved` in the same batch (a dead letter).
+    pub fn remove_raw(&self, key: &[u8], moved: Option<(&[u8], &[u8])>) -> Result<(), LogError> {
+        let mut batch = sled::Batch::default();
+        batch.remove(key);
+        if let Some((k, v)) = moved {
+            batch.insert(k, v);
+        }
+        self.log.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Removes every entry under `prefix`; returns how many.
+    pub fn remove_prefix(&self, prefix: &[u8]) -> Result<usize, LogError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in self.log.scan_prefix(prefix) {
+            let (k, _) = item?;
+            batch.remove(k);
+            n += 1;
+        }
+        if n > 0 {
+            self.log.apply_batch(batch)?;
+        }
+        Ok(n)
     }
 
     /// Bytes the store occupies on disk.

@@ -196,6 +196,26 @@ pub struct CallNetworkOp {
     pub quality: Quality,
 }
 
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PushRegisterOp {
+    pub provider: crate::push::provider::ProviderKind,
+    pub token: String,
+    /// Which configured app the token belongs to (default: the provider's first).
+    #[serde(default)]
+    pub app: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PushUnregisterOp {
+    pub provider: crate::push::provider::ProviderKind,
+    /// The token to drop (default: whatever this device has for the provider).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// Longest push token accepted.
+pub const MAX_PUSH_TOKEN_LEN: usize = 4096;
+
 /// Ring time bounds (rule 18), ms.
 pub const RING_MS: std::ops::RangeInclusive<u64> = 1_000..=300_000;
 pub const DEFAULT_RING_MS: u64 = 30_000;
@@ -240,6 +260,10 @@ pub enum ClientOp {
     CallLeave(CallRefOp),
     #[serde(rename = "call.end")]
     CallEnd(CallRefOp),
+    #[serde(rename = "push.register")]
+    PushRegister(PushRegisterOp),
+    #[serde(rename = "push.unregister")]
+    PushUnregister(PushUnregisterOp),
 }
 
 impl ClientOp {
@@ -263,6 +287,8 @@ impl ClientOp {
             ClientOp::CallNetwork(_) => "call.network",
             ClientOp::CallLeave(_) => "call.leave",
             ClientOp::CallEnd(_) => "call.end",
+            ClientOp::PushRegister(_) => "push.register",
+            ClientOp::PushUnregister(_) => "push.unregister",
         }
     }
 }
@@ -411,6 +437,17 @@ fn check_formats(op: &ClientOp) -> Result<(), ProtoError> {
         ClientOp::CallReject(c) => check_id("call", &c.call, MAX_ID_LEN),
         ClientOp::CallMedia(c) => check_id("call", &c.call, MAX_ID_LEN),
         ClientOp::CallNetwork(c) => check_id("call", &c.call, MAX_ID_LEN),
+        ClientOp::PushRegister(p) => {
+            check_id("token", &p.token, MAX_PUSH_TOKEN_LEN)?;
+            match &p.app {
+                Some(a) => check_id("app", a, MAX_ID_LEN),
+                None => Ok(()),
+            }
+        }
+        ClientOp::PushUnregister(p) => match &p.token {
+            Some(t) => check_id("token", t, MAX_PUSH_TOKEN_LEN),
+            None => Ok(()),
+        },
         ClientOp::Refresh(_) | ClientOp::Unread {} | ClientOp::Presence(_) => Ok(()),
     }
 }

@@ -57,13 +57,22 @@ pub enum Outcome {
         reason: String,
     },
     /// The whole provider app is throttled (FCM 429): pause it all for `after`.
-    Throttled { after: Duration, reason: String },
+    Throttled {
+        after: Duration,
+        reason: String,
+    },
     /// The token is dead (UNREGISTERED, 410, BadDeviceToken, SENDER_ID_MISMATCH): prune it.
-    TokenDead { reason: String },
+    TokenDead {
+        reason: String,
+    },
     /// Our payload or headers were refused: drop the push and alert (a bug of ours).
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
     /// Credentials refused (or missing): pause the app and alert the operator.
-    AuthFailed { reason: String },
+    AuthFailed {
+        reason: String,
+    },
 }
 
 impl Outcome {

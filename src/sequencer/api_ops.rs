@@ -109,6 +109,9 @@ impl Sequencer {
                 "users_known": self.state.users.len(),
                 "sequencer_queue": self.rx.len(),
                 "timers": self.timers.len(),
+                "push_tokens": self.state.push.len(),
+                "push_queue": self.shared.push_queue.load(std::sync::atomic::Ordering::Relaxed),
+                "push_dead": self.shared.push_dead.load(std::sync::atomic::Ordering::Relaxed),
             })),
         };
         self.answer_api(tx, result, live_of);

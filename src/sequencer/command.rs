@@ -94,6 +94,14 @@ pub enum Command {
         error: ProtoError,
     },
     Api(ApiCmd, oneshot::Sender<ApiResult>),
+    /// The push worker found a token dead: prune it (unless re-registered since).
+    PushTokenDead {
+        user: String,
+        device: String,
+        provider: crate::push::provider::ProviderKind,
+        token: String,
+        reason: String,
+    },
     /// The scheduled sweep: end leftover sessions and presence entries.
     Sweep,
     /// Shutdown has begun: session ends no longer change presence.

@@ -20,6 +20,7 @@ mod api_ops;
 mod calls;
 pub mod command;
 mod presence;
+mod push_ops;
 mod session_ops;
 
 use std::collections::HashMap;
@@ -49,6 +50,10 @@ pub struct Shared {
     /// Sessions past hello.
     pub connections: AtomicUsize,
     pub started: Instant,
+    /// Owed pushes scheduled by the push worker.
+    pub push_queue: std::sync::atomic::AtomicU64,
+    /// Pushes in the dead letters (moved there since start).
+    pub push_dead: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -57,6 +62,8 @@ impl Shared {
             head: watch::Sender::new(head),
             connections: AtomicUsize::new(0),
             started: Instant::now(),
+            push_queue: Default::default(),
+            push_dead: Default::default(),
         }
     }
     pub fn connections(&self) -> usize {
@@ -75,6 +82,10 @@ pub struct Settings {
     pub typing_expire: Duration,
     pub call_drop_after: Duration,
     pub max_invitees: usize,
+    /// How owed pushes are made.
+    pub push_jobs: crate::push::job::JobSettings,
+    /// Configured push apps, (provider, name).
+    pub push_apps: std::collections::HashSet<(crate::push::provider::ProviderKind, String)>,
     /// A session silent this long is a leftover for the sweep (twice the heartbeat timeout).
     pub stale_after: Duration,
 }
@@ -90,6 +101,34 @@ impl Settings {
             typing_expire: Duration::from_millis(c.typing.expire_ms),
             call_drop_after: Duration::from_millis(c.calls.drop_after_ms),
             max_invitees: c.calls.max_invitees,
+            push_jobs: crate::push::job::JobSettings {
+                enabled: c.push.enabled
+                    && !(c.push.fcm.apps.is_empty() && c.push.apns.apps.is_empty()),
+                delay_ms: if c.push.delay_ms == 0 {
+                    c.presence.grace_ms
+                } else {
+                    c.push.delay_ms
+                },
+                deadline_ms: c.push.deadline_s.saturating_mul(1000),
+                preview: c.push.preview,
+                preview_max_chars: c.push.preview_max_chars,
+            },
+            push_apps: c
+                .push
+                .fcm
+                .apps
+                .iter()
+                .map(|a| (crate::push::provider::ProviderKind::Fcm, a.name.clone()))
+                .chain(c.push.apns.apps.iter().flat_map(|a| {
+                    [
+                        (crate::push::provider::ProviderKind::Apns, a.name.clone()),
+                        (
+                            crate::push::provider::ProviderKind::ApnsVoip,
+                            a.name.clone(),
+                        ),
+                    ]
+                }))
+                .collect(),
             stale_after: Duration::from_millis(c.heartbeat.timeout_ms.saturating_mul(2)),
         }
     }
@@ -246,6 +285,10 @@ pub struct Sequencer {
     pending: Vec<Record>,
     effects: Vec<Effect>,
     pending_dedupe: HashMap<(String, String), u64>,
+    /// Outbox jobs owed by the batch's records, written in the same sled batch.
+    pending_jobs: Vec<crate::push::job::Job>,
+    /// New outbox jobs go to the push worker: (outbox key, due unix ms).
+    push_tx: Option<mpsc::Sender<(Vec<u8>, u64)>>,
     last_ts: u64,
 }
 
@@ -278,11 +321,18 @@ impl Sequencer {
             pending: Vec::new(),
             effects: Vec::new(),
             pending_dedupe: HashMap::new(),
+            pending_jobs: Vec::new(),
+            push_tx: None,
             last_ts,
         };
         s.arm_presence_after_restart();
         s.arm_calls_after_restart();
         s
+    }
+
+    /// New outbox jobs are announced to the push worker on `tx`.
+    pub fn set_push_worker(&mut self, tx: mpsc::Sender<(Vec<u8>, u64)>) {
+        self.push_tx = Some(tx);
     }
 
     /// Runs until a [`Command::Stop`] (or every sender is gone).
@@ -353,6 +403,13 @@ impl Sequencer {
                 None,
             ),
             Command::Api(cmd, tx) => self.api(cmd, tx).await,
+            Command::PushTokenDead {
+                user,
+                device,
+                provider,
+                token,
+                reason,
+            } => self.push_token_dead(&user, &device, provider, token, reason, None),
             Command::Sweep => {
                 self.sweep();
             }
@@ -388,6 +445,7 @@ impl Sequencer {
         let off = self.next_off();
         let record = Record { off, ts, to, event };
         self.state.apply(&record);
+        self.owe_pushes(&record);
         let idx = self.pending.len();
         self.pending.push(record);
         self.effects.push(Effect::Deliver { idx });
@@ -442,12 +500,13 @@ impl Sequencer {
     async fn commit_once(&mut self) {
         let records = std::mem::take(&mut self.pending);
         let effects = std::mem::take(&mut self.effects);
+        let jobs = std::mem::take(&mut self.pending_jobs);
         self.pending_dedupe.clear();
         let result = if records.is_empty() {
             Ok(())
         } else {
             let t0 = Instant::now();
-            let r = self.append(&records).await;
+            let r = self.append(&records, &jobs).await;
             metrics::histogram!(m::FLUSH_SECONDS).record(t0.elapsed().as_secs_f64());
             metrics::histogram!(m::BATCH_EVENTS).record(records.len() as f64);
             r
@@ -469,6 +528,12 @@ impl Sequencer {
                 Err(e) => tracing::error!(error = %e, "state rebuild failed"),
             }
             return;
+        }
+        if let Some(tx) = &self.push_tx {
+            for j in &jobs {
+                // A full channel is fine: the worker rescans the outbox.
+                let _ = tx.try_send((j.key(), j.due_ms));
+            }
         }
         if let Some(last) = records.last() {
             self.committed_head = last.off;
@@ -523,8 +588,13 @@ impl Sequencer {
         }
     }
 
-    async fn append(&self, records: &[Record]) -> Result<(), LogError> {
-        self.store.append(records)?;
+    async fn append(
+        &self,
+        records: &[Record],
+        jobs: &[crate::push::job::Job],
+    ) -> Result<(), LogError> {
+        let extra: Vec<(Vec<u8>, Vec<u8>)> = jobs.iter().map(|j| (j.key(), j.encode())).collect();
+        self.store.append_with(records, &extra)?;
         if self.settings.durability == Durability::Flush {
             self.store.flush().await?;
         }

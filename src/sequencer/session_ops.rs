@@ -121,6 +121,8 @@ impl Sequencer {
             return;
         }
         tracing::debug!(session = handle.id, user = %user, device = %handle.device, resumed, "session started");
+        // The device is here: what it was owed it now gets itself.
+        self.cancel_jobs(&user, &handle.device, None);
         self.registry.insert(handle);
         self.connections_changed();
         let _ = done.send(Ok(()));
@@ -183,6 +185,8 @@ impl Sequencer {
             | ClientOp::CallNetwork(_)
             | ClientOp::CallLeave(_)
             | ClientOp::CallEnd(_)) => self.call_op(&user, &device, op),
+            ClientOp::PushRegister(p) => self.push_register(&user, &device, p),
+            ClientOp::PushUnregister(p) => self.push_unregister(&user, &device, p),
             ClientOp::Hello(_) => Err(ProtoError::conflict("this session already said hello")),
             ClientOp::Refresh(_) => {
                 Err(ProtoError::bad_request("refresh is handled by the session"))

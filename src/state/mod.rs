@@ -9,11 +9,13 @@ mod calls;
 mod conversations;
 mod convid;
 mod presence;
+mod push;
 
 pub use calls::{Call, Calls, Initiator, Invitee, MediaFlags, Phase};
 pub use conversations::{ConvKind, Conversation, Marks};
 pub use convid::ConvId;
 pub use presence::{views as presence_views, PresenceState, View};
+pub use push::{PushTokens, TokenEntry};
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
@@ -44,6 +46,7 @@ pub struct State {
     pub convs: HashMap<String, Conversation>,
     pub users: HashMap<String, UserState>,
     pub calls: Calls,
+    pub push: PushTokens,
 }
 
 impl State {
@@ -177,6 +180,8 @@ impl State {
             | Event::CallNetwork(_)
             | Event::CallTimeWarning(_)
             | Event::PushRequest(_) => {}
+            Event::PushToken(e) => self.push.register(r.ts, e),
+            Event::PushTokenRemoved(e) => self.push.remove(e),
         }
     }
 
