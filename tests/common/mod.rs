@@ -1619,3 +1619,5 @@ impl Http {
         }
     }
 }
+
+pub mod push_mock;

@@ -110,7 +110,10 @@ impl Scripted {
     pub fn json(status: u16, body: Value) -> Self {
         Scripted {
             status,
-            headers: vec![("content-type".into(), "application/json; charset=UTF-8".into())],
+            headers: vec![(
+                "content-type".into(),
+                "application/json; charset=UTF-8".into(),
+            )],
             body: body.to_string().into_bytes(),
         }
     }
@@ -155,7 +158,9 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 }
 
@@ -425,7 +430,9 @@ impl Drop for FcmMock {
 
 impl FcmMock {
     pub async fn start() -> FcmMock {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fcm mock");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fcm mock");
         let addr = listener.local_addr().expect("fcm mock addr");
         let state = Arc::new(Mutex::new(FcmState {
             expires_in: 3599,
@@ -537,7 +544,9 @@ impl FcmMock {
 }
 
 fn fcm_check_assertion(addr: SocketAddr, form: &HashMap<String, String>) -> Result<(), String> {
-    if form.get("grant_type").map(String::as_str) != Some("urn:ietf:params:oauth:grant-type:jwt-bearer") {
+    if form.get("grant_type").map(String::as_str)
+        != Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
+    {
         return Err(format!("bad grant_type {:?}", form.get("grant_type")));
     }
     let assertion = form.get("assertion").ok_or("no assertion")?;
@@ -548,7 +557,8 @@ fn fcm_check_assertion(addr: SocketAddr, form: &HashMap<String, String>) -> Resu
     if header.kid.as_deref() != Some(FCM_KEY_ID) {
         return Err(format!("kid {:?}", header.kid));
     }
-    let key = DecodingKey::from_rsa_pem(TEST_RSA_PUBLIC_PEM.as_bytes()).map_err(|e| e.to_string())?;
+    let key =
+        DecodingKey::from_rsa_pem(TEST_RSA_PUBLIC_PEM.as_bytes()).map_err(|e| e.to_string())?;
     let mut validation = Validation::new(Algorithm::RS256);
     validation.set_audience(&[format!("http://{addr}/token")]);
     validation.set_issuer(&[FCM_CLIENT_EMAIL]);
@@ -623,8 +633,11 @@ async fn fcm_handle(
         let form = parse_form(&rec.body);
         if let Err(e) = fcm_check_assertion(addr, &form) {
             st.assertion_errors.push(e.clone());
-            return Scripted::json(400, json!({"error": "invalid_grant", "error_description": e}))
-                .into_response();
+            return Scripted::json(
+                400,
+                json!({"error": "invalid_grant", "error_description": e}),
+            )
+            .into_response();
         }
         if let Some(answer) = st.token_script.pop_front() {
             return answer.into_response();
@@ -686,7 +699,10 @@ pub fn apns_error(status: u16, reason: &str) -> Scripted {
 
 /// 410 Unregistered with its `timestamp` (ms).
 pub fn apns_unregistered(timestamp_ms: u64) -> Scripted {
-    Scripted::json(410, json!({"reason": "Unregistered", "timestamp": timestamp_ms}))
+    Scripted::json(
+        410,
+        json!({"reason": "Unregistered", "timestamp": timestamp_ms}),
+    )
 }
 
 #[derive(Default)]
@@ -746,7 +762,9 @@ impl ApnsMock {
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind apns mock");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind apns mock");
         let addr = listener.local_addr().expect("apns mock addr");
         let state = Arc::new(Mutex::new(ApnsState::default()));
         let shared = state.clone();
@@ -854,7 +872,8 @@ fn apns_check_jwt(public_pem: &str, auth: Option<&str>) -> Result<String, &'stat
     if header.alg != Algorithm::ES256 || header.kid.as_deref() != Some(APNS_KEY_ID) {
         return Err("InvalidProviderToken");
     }
-    let key = DecodingKey::from_ec_pem(public_pem.as_bytes()).map_err(|_| "InvalidProviderToken")?;
+    let key =
+        DecodingKey::from_ec_pem(public_pem.as_bytes()).map_err(|_| "InvalidProviderToken")?;
     let mut validation = Validation::new(Algorithm::ES256);
     validation.validate_exp = false;
     validation.set_required_spec_claims(&["iss"]);
@@ -869,7 +888,10 @@ fn apns_check_jwt(public_pem: &str, auth: Option<&str>) -> Result<String, &'stat
 }
 
 fn apns_check_request(rec: &Recorded) -> Result<(), (u16, &'static str)> {
-    let token = rec.path.strip_prefix("/3/device/").ok_or((404, "BadPath"))?;
+    let token = rec
+        .path
+        .strip_prefix("/3/device/")
+        .ok_or((404, "BadPath"))?;
     if token.is_empty() {
         return Err((400, "MissingDeviceToken"));
     }
