@@ -359,3 +359,52 @@ async fn embedded_broker_shutdown_closes_sessions_4000_and_keeps_the_log() {
     assert_eq!(h["messages"][0]["off"], ack["off"]);
     assert_eq!(h["messages"][0]["body"], json!("kept"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_broker_on_the_same_data_dir_refuses_to_start_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let env = [
+        ("SWITCHBOARD_SERVER__LISTEN", "127.0.0.1:0".to_string()),
+        ("SWITCHBOARD_STORAGE__DIR", data.display().to_string()),
+    ];
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("serve")
+        .envs(env.iter().cloned())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // wait until the first broker listens (it has the directory by then)
+    let stdout = first.stdout.take().unwrap();
+    let listening = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("listening"))
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_secs(20), listening)
+            .await
+            .unwrap()
+            .unwrap(),
+        "the first broker did not start"
+    );
+    let second = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .arg("serve")
+            .envs(env.iter().cloned())
+            .output()
+            .unwrap()
+    });
+    let out = tokio::time::timeout(Duration::from_secs(20), second)
+        .await
+        .expect("the second broker started instead of refusing")
+        .unwrap();
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("in use by another broker"), "{text}");
+}
