@@ -47,10 +47,12 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
     pub heartbeat: HeartbeatConfig,
+    pub snapshot: SnapshotConfig,
     pub presence: PresenceConfig,
     pub typing: TypingConfig,
     pub calls: CallsConfig,
     pub push: PushConfig,
+    pub sync: SyncConfig,
     pub shutdown: ShutdownConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
@@ -146,6 +148,17 @@ pub struct HeartbeatConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Snapshot every this many events (0: only on the schedule and at shutdown).
+    pub every_events: u64,
+    /// Cron schedule of snapshots ("" for none).
+    pub cron: String,
+    /// Snapshot files kept.
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PresenceConfig {
     pub grace_ms: u64,
     /// Schedule of the leftover sweep (cron with seconds).
@@ -221,6 +234,23 @@ pub struct ApnsApp {
     pub team_id: String,
     /// The bundle id; VoIP pushes go to `<topic>.voip`.
     pub topic: String,
+}
+
+/// The SQL sinks (`[sync]`): empty URLs mean no sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// tokio-postgres connection string of the PostgreSQL sink ("" = none).
+    pub postgres_url: String,
+    /// ADO.NET connection string of the SQL Server sink ("" = none).
+    pub mssql_url: String,
+    /// Most events in one sink transaction.
+    pub batch_max: usize,
+    /// Longest wait for a batch to fill before it is written, ms.
+    pub batch_ms: u64,
+    /// Reconnect backoff with full jitter: base and cap, ms.
+    pub retry_base_ms: u64,
+    pub retry_cap_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -340,6 +370,9 @@ impl Config {
             ("push.retry_cap_ms", self.push.retry_cap_ms),
             ("push.concurrency", self.push.concurrency as u64),
             ("push.breaker_probe_ms", self.push.breaker_probe_ms),
+            ("sync.batch_max", self.sync.batch_max as u64),
+            ("sync.retry_base_ms", self.sync.retry_base_ms),
+            ("sync.retry_cap_ms", self.sync.retry_cap_ms),
             ("server.max_body_bytes", self.server.max_body_bytes as u64),
         ];
         for (key, v) in positive {

@@ -9,11 +9,14 @@ pub mod config;
 pub mod fanout;
 pub mod gateway;
 pub mod log;
+pub mod logtool;
 pub mod protocol;
 pub mod push;
 pub mod scheduler;
 pub mod sequencer;
+pub mod snapshot;
 pub mod state;
+pub mod sync;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -37,6 +40,8 @@ pub enum Error {
     #[error(transparent)]
     Log(#[from] log::LogError),
     #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error(transparent)]
     Auth(#[from] gateway::auth::AuthError),
     #[error(transparent)]
     Tls(#[from] gateway::tls::TlsError),
@@ -44,6 +49,8 @@ pub enum Error {
     Scheduler(#[from] scheduler::SchedulerError),
     #[error("config key {0}")]
     Push(#[from] push::providers::PushConfigError),
+    #[error("config key sync: {0}")]
+    Sync(#[from] sync::SyncError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -60,6 +67,7 @@ pub struct Broker {
     accept: JoinHandle<()>,
     scheduler: scheduler::Scheduler,
     push: Option<(tokio_util::sync::CancellationToken, JoinHandle<()>)>,
+    sync: Vec<sync::Handle>,
     shutdown_timeout: Duration,
 }
 
@@ -81,20 +89,31 @@ impl Broker {
             config.log.flush_interval_ms,
         )?;
         let t0 = Instant::now();
-        let state = {
+        let (state, loaded) = {
             let store = store.clone();
-            tokio::task::spawn_blocking(move || sequencer::rebuild(&store))
+            let dir = snapshot::dir_of(&config.storage.dir);
+            tokio::task::spawn_blocking(move || snapshot::load(&store, &dir))
                 .await
                 .map_err(|e| Error::Io {
                     what: "replay".into(),
                     source: std::io::Error::other(e.to_string()),
                 })??
         };
-        tracing::info!(
-            head = state.head,
-            ms = t0.elapsed().as_millis() as u64,
-            "state rebuilt from the log"
-        );
+        match loaded {
+            snapshot::Loaded::Snapshot { off, replayed } => tracing::info!(
+                head = state.head,
+                snapshot = off,
+                replayed,
+                ms = t0.elapsed().as_millis() as u64,
+                "state loaded from a snapshot and the log tail"
+            ),
+            snapshot::Loaded::Full { replayed } => tracing::info!(
+                head = state.head,
+                replayed,
+                ms = t0.elapsed().as_millis() as u64,
+                "state rebuilt by a full replay"
+            ),
+        }
         let verifier = gateway::auth::Verifier::new(&config.auth)?;
         let tls = if config.tls.enabled() {
             Some(gateway::tls::acceptor(&config.tls)?)
@@ -138,7 +157,22 @@ impl Broker {
         } else {
             None
         };
+        let sinks = sync::configured(&config.sync)?;
         let sequencer = tokio::spawn(seq.run());
+        // SQL sinks only read the durable log (up to the published head): a database that
+        // is down or slow never reaches the sequencer.
+        let sync_policy = sync::Policy::from_config(&config.sync);
+        let sync: Vec<sync::Handle> = sinks
+            .into_iter()
+            .map(|s| {
+                s.spawn(
+                    store.clone(),
+                    shared.head.subscribe(),
+                    shared.clone(),
+                    sync_policy.clone(),
+                )
+            })
+            .collect();
         let shutdown_timeout = Duration::from_millis(config.shutdown.timeout_ms);
         let scheduler = scheduler::Scheduler::start(&config, tx.clone()).await?;
         let gw = Arc::new(Gateway::new(
@@ -159,6 +193,7 @@ impl Broker {
             accept,
             scheduler,
             push,
+            sync,
             shutdown_timeout,
         })
     }
@@ -191,6 +226,11 @@ impl Broker {
             let _ = tokio::time::timeout_at(deadline + Duration::from_secs(2), rx).await;
         }
         let _ = self.sequencer.await;
+        // After the last commit: each sink finishes (or abandons) its batch in flight and
+        // stops at a committed checkpoint.
+        for h in self.sync {
+            h.stop().await;
+        }
         self.accept.abort();
         tracing::info!("stopped");
     }

@@ -1,6 +1,6 @@
 //! Scheduled jobs (tokio-cron-scheduler): each job only submits a command to the
-//! sequencer, which decides what the time means. Today: the leftover sweep
-//! (`presence.sweep_cron`).
+//! sequencer, which decides what the time means: the leftover sweep
+//! (`presence.sweep_cron`) and snapshots (`snapshot.cron`).
 
 use tokio::sync::mpsc;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
@@ -27,6 +27,7 @@ impl Scheduler {
         commands: mpsc::Sender<Command>,
     ) -> Result<Scheduler, SchedulerError> {
         let inner = JobScheduler::new().await?;
+        let snapshot_commands = commands.clone();
         let cron = config.presence.sweep_cron.clone();
         let sweep = Job::new_async(cron.as_str(), move |_, _| {
             let commands = commands.clone();
@@ -44,6 +45,23 @@ impl Scheduler {
             ),
         })?;
         inner.add(sweep).await?;
+        if !config.snapshot.cron.is_empty() {
+            let cron = config.snapshot.cron.clone();
+            let commands = snapshot_commands;
+            let job = Job::new_async(cron.as_str(), move |_, _| {
+                let commands = commands.clone();
+                Box::pin(async move {
+                    let _ = commands.try_send(Command::Snapshot);
+                })
+            })
+            .map_err(|e| SchedulerError::Schedule {
+                key: "snapshot.cron",
+                reason: format!(
+                    "`{cron}` is not a cron schedule (sec min hour day month weekday): {e}"
+                ),
+            })?;
+            inner.add(job).await?;
+        }
         inner.start().await?;
         Ok(Scheduler { inner })
     }

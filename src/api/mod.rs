@@ -214,6 +214,14 @@ async fn dispatch(req: Request<Incoming>, gw: &Arc<Gateway>) -> Result<Response<
             Ok(json_response(200, &serde_json::json!({"items": items})))
         }
         (Method::GET, ["stats"]) => call(gw, ApiCmd::Stats).await,
+        (Method::POST, ["admin", "backup"]) => {
+            let b: crate::logtool::BackupRequest = read_json(req, max_body).await?;
+            let head = *gw.shared.head.borrow();
+            let data_dir = gw.config.storage.dir.clone();
+            let report =
+                crate::logtool::backup_online(gw.store.clone(), data_dir, head, b.dir).await?;
+            Ok(json_response(200, &report))
+        }
         (_, route) => match allowed_methods(route) {
             Some(allow) => Ok(method_not_allowed(allow)),
             None => Err(ProtoError::not_found(format!("no route {path}"))),
@@ -227,7 +235,8 @@ fn allowed_methods(route: &[&str]) -> Option<&'static str> {
         ["users", _, "notices"]
         | ["users", _, "disconnect"]
         | ["rooms"]
-        | ["rooms", _, "messages"] => Some("POST"),
+        | ["rooms", _, "messages"]
+        | ["admin", "backup"] => Some("POST"),
         ["users", _, "presence"]
         | ["conversations", _, "messages"]
         | ["events"]

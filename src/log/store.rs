@@ -290,6 +290,46 @@ impl Store {
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
+
+    /// The names of every sled tree of the database (`log`, sled's default tree, any other);
+    /// the log tools copy them all.
+    pub fn tree_names(&self) -> Vec<Vec<u8>> {
+        self.db
+            .tree_names()
+            .into_iter()
+            .map(|n| n.to_vec())
+            .collect()
+    }
+
+    /// Every entry of the tree `name`, in key order (raw bytes, nothing decoded).
+    #[allow(clippy::type_complexity)]
+    pub fn scan_tree(
+        &self,
+        name: &[u8],
+    ) -> Result<impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), LogError>>, LogError> {
+        let tree = self.db.open_tree(name)?;
+        Ok(tree.iter().map(|r| {
+            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(LogError::from)
+        }))
+    }
+
+    /// Writes raw entries into the tree `name` in one atomic batch (restoring a copy).
+    pub fn import(&self, name: &[u8], entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), LogError> {
+        let tree = self.db.open_tree(name)?;
+        let mut batch = sled::Batch::default();
+        for (k, v) in entries {
+            batch.insert(k.as_slice(), v.as_slice());
+        }
+        tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// [`Store::flush`] for callers outside a runtime (the offline log tools).
+    pub fn flush_blocking(&self) -> Result<(), LogError> {
+        self.db.flush()?;
+        Ok(())
+    }
 }
 
 fn encode_record(r: &Record) -> Result<Vec<u8>, LogError> {

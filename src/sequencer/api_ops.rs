@@ -112,6 +112,7 @@ impl Sequencer {
                 "push_tokens": self.state.push.len(),
                 "push_queue": self.shared.push_queue.load(std::sync::atomic::Ordering::Relaxed),
                 "push_dead": self.shared.push_dead.load(std::sync::atomic::Ordering::Relaxed),
+                "sync": self.shared.sync_status.to_json(self.committed_head),
             })),
         };
         self.answer_api(tx, result, live_of);

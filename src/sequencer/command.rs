@@ -102,6 +102,8 @@ pub enum Command {
         token: String,
         reason: String,
     },
+    /// Write a snapshot of State now (scheduled).
+    Snapshot,
     /// The scheduled sweep: end leftover sessions and presence entries.
     Sweep,
     /// Shutdown has begun: session ends no longer change presence.

@@ -54,6 +54,8 @@ pub struct Shared {
     pub push_queue: std::sync::atomic::AtomicU64,
     /// Pushes in the dead letters (moved there since start).
     pub push_dead: std::sync::atomic::AtomicU64,
+    /// State and checkpoint of each SQL sink (written by the sync workers).
+    pub sync_status: crate::sync::Status,
 }
 
 impl Shared {
@@ -64,6 +66,7 @@ impl Shared {
             started: Instant::now(),
             push_queue: Default::default(),
             push_dead: Default::default(),
+            sync_status: Default::default(),
         }
     }
     pub fn connections(&self) -> usize {
@@ -82,6 +85,10 @@ pub struct Settings {
     pub typing_expire: Duration,
     pub call_drop_after: Duration,
     pub max_invitees: usize,
+    /// Snapshot every this many events (0: never by count).
+    pub snapshot_every: u64,
+    pub snapshot_dir: std::path::PathBuf,
+    pub snapshot_keep: usize,
     /// How owed pushes are made.
     pub push_jobs: crate::push::job::JobSettings,
     /// Configured push apps, (provider, name).
@@ -101,6 +108,9 @@ impl Settings {
             typing_expire: Duration::from_millis(c.typing.expire_ms),
             call_drop_after: Duration::from_millis(c.calls.drop_after_ms),
             max_invitees: c.calls.max_invitees,
+            snapshot_every: c.snapshot.every_events,
+            snapshot_dir: crate::snapshot::dir_of(&c.storage.dir),
+            snapshot_keep: c.snapshot.keep,
             push_jobs: crate::push::job::JobSettings {
                 enabled: c.push.enabled
                     && !(c.push.fcm.apps.is_empty() && c.push.apns.apps.is_empty()),
@@ -248,18 +258,14 @@ fn unavailable(e: &LogError) -> ProtoError {
 
 /// Replays the whole log into a fresh State, checking continuity.
 pub fn rebuild(store: &Store) -> Result<State, LogError> {
-    let mut state = State::new();
-    for (expect, r) in (1u64..).zip(store.records(0)) {
-        let r = r?;
-        if r.off != expect {
-            return Err(LogError::Corrupt {
-                off: expect,
-                reason: format!("offsets jump from {} to {}", expect - 1, r.off),
-            });
-        }
-        state.apply(&r);
+    match crate::snapshot::replay_from(store, State::new()) {
+        Ok((state, _)) => Ok(state),
+        Err(crate::snapshot::SnapshotError::Log(e)) => Err(e),
+        Err(e) => Err(LogError::Corrupt {
+            off: 0,
+            reason: e.to_string(),
+        }),
     }
-    Ok(state)
 }
 
 pub struct Sequencer {
@@ -287,6 +293,9 @@ pub struct Sequencer {
     pending_dedupe: HashMap<(String, String), u64>,
     /// Outbox jobs owed by the batch's records, written in the same sled batch.
     pending_jobs: Vec<crate::push::job::Job>,
+    /// Offset of the last snapshot taken (or loaded).
+    last_snapshot: u64,
+    snapshot_job: Option<tokio::task::JoinHandle<()>>,
     /// New outbox jobs go to the push worker: (outbox key, due unix ms).
     push_tx: Option<mpsc::Sender<(Vec<u8>, u64)>>,
     last_ts: u64,
@@ -322,6 +331,8 @@ impl Sequencer {
             effects: Vec::new(),
             pending_dedupe: HashMap::new(),
             pending_jobs: Vec::new(),
+            last_snapshot: head,
+            snapshot_job: None,
             push_tx: None,
             last_ts,
         };
@@ -355,6 +366,7 @@ impl Sequencer {
                         if let Err(e) = self.store.flush().await {
                             tracing::error!(error = %e, "final flush failed");
                         }
+                        self.final_snapshot().await;
                         let _ = stop.send(());
                         return;
                     }
@@ -410,6 +422,7 @@ impl Sequencer {
                 token,
                 reason,
             } => self.push_token_dead(&user, &device, provider, token, reason, None),
+            Command::Snapshot => self.snapshot_now(),
             Command::Sweep => {
                 self.sweep();
             }
@@ -495,6 +508,47 @@ impl Sequencer {
         while !self.effects.is_empty() {
             self.commit_once().await;
         }
+        let every = self.settings.snapshot_every;
+        if every > 0 && self.committed_head >= self.last_snapshot + every {
+            self.snapshot_now();
+        }
+    }
+
+    /// At shutdown: a snapshot at the final head, so the next start replays nothing.
+    async fn final_snapshot(&mut self) {
+        if let Some(j) = self.snapshot_job.take() {
+            let _ = j.await;
+        }
+        if self.settings.snapshot_every > 0 {
+            self.snapshot_now();
+            if let Some(j) = self.snapshot_job.take() {
+                let _ = j.await;
+            }
+        }
+    }
+
+    /// Hands a copy of State (committed: nothing is pending here) to a blocking thread
+    /// that writes it; one write at a time.
+    fn snapshot_now(&mut self) {
+        if !self.pending.is_empty() || self.committed_head == self.last_snapshot {
+            return;
+        }
+        if self.snapshot_job.as_ref().is_some_and(|j| !j.is_finished()) {
+            return;
+        }
+        let state = self.state.clone();
+        let dir = self.settings.snapshot_dir.clone();
+        let keep = self.settings.snapshot_keep;
+        self.last_snapshot = self.committed_head;
+        self.snapshot_job = Some(tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
+            match crate::snapshot::write(&dir, &state, keep) {
+                Ok(path) => {
+                    tracing::info!(off = state.head, ms = t0.elapsed().as_millis() as u64, path = %path.display(), "snapshot written")
+                }
+                Err(e) => tracing::error!(error = %e, "snapshot failed"),
+            }
+        }));
     }
 
     async fn commit_once(&mut self) {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::log::event::{EndReason, Event, Media};
 
 /// Where a call is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
     Ringing,
     /// Since the first accept, at `answered_at` (unix ms).
@@ -20,7 +20,7 @@ pub enum Phase {
 }
 
 /// One invitee's state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Invitee {
     Ringing,
     /// Already in another active call when invited; never rang.
@@ -33,14 +33,14 @@ pub enum Invitee {
 }
 
 /// The initiator is in the call until they leave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Initiator {
     In,
     Left,
 }
 
 /// One participant's media flags (`call.media` carries all of them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MediaFlags {
     pub audio: bool,
     pub video: bool,
@@ -59,7 +59,7 @@ impl MediaFlags {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Call {
     pub id: String,
     pub initiator: String,
@@ -164,7 +164,7 @@ impl Call {
 }
 
 /// Every call, and who is in an active one.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Calls {
     pub by_id: HashMap<String, Call>,
     /// user -> the active call they are in.

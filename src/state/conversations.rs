@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 /// A member's marks in one conversation.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Marks {
     pub read: u64,
     pub delivered: u64,
@@ -13,7 +13,7 @@ pub struct Marks {
     pub own_above_read: Vec<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ConvKind {
     Dm {
         a: String,
@@ -26,7 +26,7 @@ pub enum ConvKind {
     },
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Conversation {
     pub kind: ConvKind,
     /// Seq of the newest message (0: none yet).

@@ -24,7 +24,7 @@ use crate::log::event::{Event, MemberChange, PresenceScope, Record};
 use crate::protocol::frames::{ChosenStatus, ReceiptKind};
 
 /// What State knows of one user.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UserState {
     /// Conversations by latest activity (offset of the newest message, or the room's
     /// creation), newest first.
@@ -37,7 +37,7 @@ pub struct UserState {
 }
 
 /// The projection.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct State {
     /// Offset of the last applied record.
     pub head: u64,

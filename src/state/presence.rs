@@ -7,7 +7,7 @@ use crate::log::event::Status;
 use crate::protocol::frames::ChosenStatus;
 
 /// One published view of a user's presence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct View {
     pub status: Status,
     pub devices: u32,
@@ -31,7 +31,7 @@ impl View {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct PresenceState {
     pub chosen: ChosenStatus,
     pub public: View,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::log::event::{PushTokenEv, PushTokenRemovedEv};
 use crate::push::provider::ProviderKind;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenEntry {
     pub token: String,
     pub app: Option<String>,
@@ -14,7 +14,7 @@ pub struct TokenEntry {
     pub registered_at: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PushTokens {
     /// user -> (device, provider) -> token.
     by_user: HashMap<String, BTreeMap<(String, ProviderKind), TokenEntry>>,
