@@ -37,7 +37,7 @@ fn key_error(key: impl Into<String>, message: impl Into<String>) -> ConfigError 
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -58,7 +58,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Listen address of the gateway and API (`host:port`, port 0 picks one).
@@ -71,7 +71,7 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     /// The sled directory of the event log.
@@ -90,7 +90,7 @@ pub enum Durability {
     None,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     pub durability: Durability,
@@ -102,7 +102,7 @@ pub struct LogConfig {
     pub queue_capacity: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub jwt_secret: String,
@@ -114,7 +114,7 @@ pub struct AuthConfig {
     pub default_ttl_s: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: String,
@@ -128,7 +128,7 @@ impl TlsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     pub max_frame_bytes: usize,
@@ -139,14 +139,14 @@ pub struct LimitsConfig {
     pub max_connections: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatConfig {
     pub interval_ms: u64,
     pub timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotConfig {
     /// Snapshot every this many events (0: only on the schedule and at shutdown).
@@ -157,7 +157,7 @@ pub struct SnapshotConfig {
     pub keep: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PresenceConfig {
     pub grace_ms: u64,
@@ -165,13 +165,13 @@ pub struct PresenceConfig {
     pub sweep_cron: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TypingConfig {
     pub expire_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallsConfig {
     /// A participant whose last device stays gone this long leaves the call, ms.
@@ -180,7 +180,7 @@ pub struct CallsConfig {
     pub max_invitees: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushConfig {
     pub enabled: bool,
@@ -198,7 +198,7 @@ pub struct PushConfig {
     pub apns: ApnsConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FcmConfig {
     pub base_url: String,
@@ -207,7 +207,7 @@ pub struct FcmConfig {
 }
 
 /// One FCM project's credentials.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FcmApp {
     pub name: String,
@@ -215,7 +215,7 @@ pub struct FcmApp {
     pub service_account: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApnsConfig {
     pub base_url: String,
@@ -224,7 +224,7 @@ pub struct ApnsConfig {
 }
 
 /// One APNs app: a token-auth key and the bundle id.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApnsApp {
     pub name: String,
@@ -237,7 +237,7 @@ pub struct ApnsApp {
 }
 
 /// The SQL sinks (`[sync]`): empty URLs mean no sink.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncConfig {
     /// tokio-postgres connection string of the PostgreSQL sink ("" = none).
@@ -253,7 +253,7 @@ pub struct SyncConfig {
     pub retry_cap_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     pub timeout_ms: u64,
@@ -267,14 +267,16 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoggingConfig {
     pub level: String,
     pub format: LogFormat,
+    /// Directory of daily-rotated log files ("": stdout only).
+    pub dir: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     pub enabled: bool,

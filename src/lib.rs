@@ -51,11 +51,20 @@ pub enum Error {
     Push(#[from] push::providers::PushConfigError),
     #[error("config key sync: {0}")]
     Sync(#[from] sync::SyncError),
+    #[error("reload: {0}")]
+    Reload(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
         source: std::io::Error,
     },
+}
+
+/// What a reload applied, and the sections that changed but need a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub applied: Vec<&'static str>,
+    pub restart: Vec<String>,
 }
 
 /// A running broker.
@@ -184,7 +193,10 @@ impl Broker {
             prometheus,
         ));
         tracing::info!(addr = %addr, tls = tls.is_some(), "listening");
-        let accept = tokio::spawn(gateway::serve(listener, gw.clone(), tls));
+        if let Ok(mut slot) = gw.tls.write() {
+            *slot = tls;
+        }
+        let accept = tokio::spawn(gateway::serve(listener, gw.clone()));
         Ok(Broker {
             addr,
             gateway: gw,
@@ -196,6 +208,57 @@ impl Broker {
             sync,
             shutdown_timeout,
         })
+    }
+
+    /// Applies what can change live from a newly loaded configuration: the TLS
+    /// certificate and key files (re-read even when the paths are the same; sessions keep
+    /// their connections) and the log level (applied by the caller, who owns logging).
+    /// Returns what was applied and the keys that differ but need a restart.
+    pub fn reload(&self, new: &Config) -> Result<Reloaded, Error> {
+        let old = &self.gateway.config;
+        let mut applied = Vec::new();
+        if new.tls.enabled() != old.tls.enabled() {
+            return Err(Error::Reload(
+                "tls.cert/tls.key: turning TLS on or off needs a restart".into(),
+            ));
+        }
+        if new.tls.enabled() {
+            let acceptor = gateway::tls::acceptor(&new.tls)?;
+            if let Ok(mut slot) = self.gateway.tls.write() {
+                *slot = Some(acceptor);
+            }
+            applied.push("tls");
+        }
+        if new.logging.level != old.logging.level {
+            applied.push("logging.level");
+        }
+        let mut restart = Vec::new();
+        let sections: [(&str, bool); 15] = [
+            ("sync", new.sync != old.sync),
+            ("server", new.server != old.server),
+            ("storage", new.storage != old.storage),
+            ("log", new.log != old.log),
+            ("auth", new.auth != old.auth),
+            ("limits", new.limits != old.limits),
+            ("heartbeat", new.heartbeat != old.heartbeat),
+            ("presence", new.presence != old.presence),
+            ("typing", new.typing != old.typing),
+            ("calls", new.calls != old.calls),
+            ("push", new.push != old.push),
+            ("snapshot", new.snapshot != old.snapshot),
+            ("shutdown", new.shutdown != old.shutdown),
+            ("metrics", new.metrics != old.metrics),
+            (
+                "logging",
+                new.logging.format != old.logging.format || new.logging.dir != old.logging.dir,
+            ),
+        ];
+        for (name, changed) in sections {
+            if changed {
+                restart.push(name.to_string());
+            }
+        }
+        Ok(Reloaded { applied, restart })
     }
 
     /// The address the gateway listens on.

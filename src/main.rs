@@ -76,14 +76,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Serve { config } => {
-            let config = Config::load(config.as_deref())?;
-            telemetry::init_logging(&config.logging);
+        Cmd::Serve { config: path } => {
+            let config = Config::load(path.as_deref())?;
+            let logs = telemetry::init_logging(&config.logging);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            rt.block_on(serve(config))
+            rt.block_on(serve(config, path, logs))
         }
         Cmd::Token { user, ttl, config } => {
             let config = Config::load(config.as_deref())?;
@@ -110,16 +110,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    path: Option<PathBuf>,
+    logs: Option<telemetry::LogControl>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let broker = Broker::start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "draining"),
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!(signal = "SIGTERM", "draining");
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!(signal = "SIGINT", "draining");
+                break;
+            }
+            _ = hup.recv() => reload(&broker, path.as_deref(), logs.as_ref()),
+        }
     }
     broker.shutdown().await;
     Ok(())
+}
+
+/// SIGHUP: re-reads the configuration and applies what can change live.
+fn reload(broker: &Broker, path: Option<&std::path::Path>, logs: Option<&telemetry::LogControl>) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: the configuration is invalid; nothing changed");
+            return;
+        }
+    };
+    match broker.reload(&new) {
+        Ok(done) => {
+            if let Some(logs) = logs {
+                if let Err(e) = logs.set_level(&new.logging.level) {
+                    tracing::error!(error = %e, "log level not changed");
+                }
+            }
+            tracing::info!(applied = ?done.applied, needs_restart = ?done.restart, level = %new.logging.level, "configuration reloaded");
+        }
+        Err(e) => tracing::error!(error = %e, "reload failed; nothing changed"),
+    }
 }
 
 async fn sync_replay(config: Config, sink: &str, from: u64) -> anyhow::Result<()> {

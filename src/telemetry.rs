@@ -52,16 +52,72 @@ pub fn prometheus() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Installs the tracing subscriber (stdout, text or JSON). Safe to call more than once.
-pub fn init_logging(cfg: &LoggingConfig) {
+/// The subscriber under the output layers: the registry filtered by the reloadable filter.
+type Base = tracing_subscriber::layer::Layered<
+    tracing_subscriber::reload::Layer<EnvFilter, tracing_subscriber::Registry>,
+    tracing_subscriber::Registry,
+>;
+
+/// The live side of logging: change the level, keep the file writer alive.
+pub struct LogControl {
+    filter: tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+    _file: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+impl LogControl {
+    /// Sets the filter (`RUST_LOG` syntax) now.
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        let filter =
+            EnvFilter::try_new(level).map_err(|e| format!("logging.level `{level}`: {e}"))?;
+        self.filter.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+/// Installs the tracing subscriber: stdout (text or JSON) and, with `logging.dir`, JSON lines
+/// in daily-rotated files. Returns `None` when a subscriber is already installed.
+pub fn init_logging(cfg: &LoggingConfig) -> Option<LogControl> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
-    let _ = match cfg.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.with_ansi(false).try_init(),
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let stdout: Box<dyn Layer<Base> + Send + Sync> = match cfg.format {
+        LogFormat::Json => Box::new(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stdout),
+        ),
+        LogFormat::Text => Box::new(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(std::io::stdout),
+        ),
     };
+    let (file, guard) = if cfg.dir.is_empty() {
+        (None, None)
+    } else {
+        let appender = tracing_appender::rolling::daily(&cfg.dir, "switchboard.log");
+        let (writer, guard) = tracing_appender::non_blocking(appender);
+        let layer: Box<dyn Layer<Base> + Send + Sync> = Box::new(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_ansi(false)
+                .with_writer(writer),
+        );
+        (Some(layer), Some(guard))
+    };
+    let layers: Vec<Box<dyn Layer<Base> + Send + Sync>> =
+        std::iter::once(stdout).chain(file).collect();
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layers)
+        .try_init()
+        .ok()?;
+    Some(LogControl {
+        filter: handle,
+        _file: guard,
+    })
 }
 
 /// Describes every metric and creates the counters at zero, so dashboards and alerts see

@@ -46,6 +46,8 @@ pub struct Gateway {
     pub stop_http: CancellationToken,
     /// Every connection and session task.
     pub tracker: TaskTracker,
+    /// The TLS acceptor of new connections (`None`: plain), swapped by a reload.
+    pub tls: std::sync::RwLock<Option<TlsAcceptor>>,
     next_session: AtomicU64,
 }
 
@@ -68,6 +70,7 @@ impl Gateway {
             shutdown: CancellationToken::new(),
             stop_http: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            tls: std::sync::RwLock::new(None),
             next_session: AtomicU64::new(1),
         }
     }
@@ -76,7 +79,7 @@ impl Gateway {
 pub type Body = Full<Bytes>;
 
 /// Accepts connections until `stop_http` is cancelled.
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAcceptor>) {
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
     loop {
         let accepted = tokio::select! {
             _ = gw.stop_http.cancelled() => return,
@@ -86,7 +89,8 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
             Ok((tcp, _peer)) => {
                 let _ = tcp.set_nodelay(true);
                 let gw2 = gw.clone();
-                let tls = tls.clone();
+                // Read per connection: a reload swaps the acceptor for new connections only.
+                let tls = gw.tls.read().map(|t| t.clone()).unwrap_or(None);
                 gw.tracker.spawn(async move {
                     match tls {
                         Some(acc) => {
