@@ -25,6 +25,8 @@ pub type SessionId = u64;
 pub enum Outbound {
     /// One encoded frame (text for JSON sessions, binary for MessagePack ones).
     Frame(Bytes),
+    /// A durable event's frame; the writer records `off` once it is on the socket.
+    Event { off: u64, bytes: Bytes },
     /// The successful start of a session: the reply, the replay range, `sync`, snapshot.
     Start(Box<SessionStart>),
     /// A pong answering a client ping.
@@ -39,6 +41,8 @@ pub struct SessionStart {
     pub replay: Option<(u64, u64)>,
     pub user: String,
     pub device: String,
+    /// The head the replay ends at.
+    pub head: u64,
     pub sync: Bytes,
     pub snapshot: Bytes,
 }
@@ -52,6 +56,9 @@ pub struct SessionCtl {
     pub last_heard_ms: AtomicU64,
     /// Unix seconds when the token expires (0: not authenticated yet).
     pub token_exp: AtomicU64,
+    /// The newest offset written to the socket (replay or live): what the device has
+    /// received. Events above it when the session ends are owed as pushes.
+    pub written_off: AtomicU64,
 }
 
 impl SessionCtl {
@@ -202,6 +209,7 @@ impl Registry {
         &self,
         users: impl IntoIterator<Item = &'u String>,
         devices: Devices<'_>,
+        off: Option<u64>,
         enc: &mut Encoded<'_, T>,
     ) -> (usize, Vec<SessionId>) {
         let mut reached = 0;
@@ -214,7 +222,11 @@ impl Registry {
                 let Some(bytes) = enc.get(h.codec) else {
                     continue;
                 };
-                match push(h, Outbound::Frame(bytes)) {
+                let item = match off {
+                    Some(off) => Outbound::Event { off, bytes },
+                    None => Outbound::Frame(bytes),
+                };
+                match push(h, item) {
                     Ok(()) => reached += 1,
                     Err(PushFail::Full) => {
                         metrics::counter!(crate::telemetry::QUEUE_DROPS).increment(1);

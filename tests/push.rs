@@ -25,6 +25,10 @@ struct Setup {
 }
 
 async fn setup(delay_ms: u64) -> Setup {
+    setup_with(delay_ms, |_| {}).await
+}
+
+async fn setup_with(delay_ms: u64, more: impl FnOnce(&mut switchboard::Config)) -> Setup {
     let fcm = FcmMock::start().await;
     let apns = ApnsMock::start().await;
     let creds = tempfile::tempdir().unwrap();
@@ -37,6 +41,7 @@ async fn setup(delay_ms: u64) -> Setup {
         c.push.breaker_probe_ms = 300;
         c.push.fcm = fcm_cfg;
         c.push.apns = apns_cfg;
+        more(c);
     })
     .await;
     Setup {
@@ -402,4 +407,60 @@ async fn unregister_stops_pushes_and_an_unknown_app_is_refused() {
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(s.fcm.sends().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_a_closed_slow_session_never_wrote_are_owed_as_pushes() {
+    let s = setup_with(0, |c| c.limits.outbound_queue = 16).await;
+    let (alice, bob) = (uid("alice"), uid("bob"));
+    let opts = OpenOpts {
+        protocols: vec![JSON_PROTO.to_string()],
+        recv_buffer: Some(4096),
+        ..Default::default()
+    };
+    let mut slow = s.b.open_with(opts).await.expect("upgrade");
+    slow.hello(Some(&s.b.token(&bob)), "phone", None).await;
+    slow.ok(
+        "push.register",
+        json!({"provider": "fcm", "token": FCM_TOKEN}),
+    )
+    .await;
+    slow.pause_reading();
+    let a = s.b.connect(&alice, "a1").await;
+    let frames: Vec<Value> = (0..300)
+        .map(|i| json!({"op": "send", "to": bob, "body": {"text": "p".repeat(15_000), "i": i}, "cid": format!("f{i}")}))
+        .collect();
+    a.pipeline(frames, 4).await;
+    slow.resume_reading();
+    assert_eq!(
+        slow.wait_closed_within(Duration::from_secs(15)).await,
+        Some(4008)
+    );
+    let got = messages(&slow.all(), None).len();
+    assert!(got < 300, "the consumer was not slow");
+    // every message the closed session never wrote is owed to the phone: one push each
+    until_count("pushes for unwritten messages", 300 - got, || {
+        s.fcm.sends().len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sends = s.fcm.sends();
+    let mut offs: Vec<String> = sends
+        .iter()
+        .map(|r| {
+            fcm_message(r)["data"]["off"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    let n = offs.len();
+    offs.sort();
+    offs.dedup();
+    assert_eq!(offs.len(), n, "a message was pushed twice");
+    assert!(
+        n >= 300 - got,
+        "{n} pushes for {} unwritten messages",
+        300 - got
+    );
 }

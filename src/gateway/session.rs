@@ -405,6 +405,7 @@ async fn write_loop(
             _ = gw.shutdown.cancelled() => break CloseCode::ShuttingDown.code(),
             item = rx.recv() => {
                 let Some(item) = item else { break 1000 };
+                let mut written = written_mark(&item);
                 if write_item(&mut w, item, &gw, codec).await.is_err() {
                     return;
                 }
@@ -412,6 +413,7 @@ async fn write_loop(
                 while n < WRITE_BATCH {
                     match rx.try_recv() {
                         Ok(item) => {
+                            written = written.max(written_mark(&item));
                             if write_item(&mut w, item, &gw, codec).await.is_err() {
                                 return;
                             }
@@ -422,6 +424,9 @@ async fn write_loop(
                 }
                 if w.flush().await.is_err() {
                     return;
+                }
+                if written > 0 {
+                    ctl.written_off.fetch_max(written, Ordering::Relaxed);
                 }
             }
             _ = ping.tick() => {
@@ -478,6 +483,15 @@ fn close_reason(code: u16) -> &'static str {
     .unwrap_or("")
 }
 
+/// The offset an item carries to the device once written (0: none).
+fn written_mark(item: &Outbound) -> u64 {
+    match item {
+        Outbound::Event { off, .. } => *off,
+        Outbound::Start(s) => s.head,
+        Outbound::Frame(_) | Outbound::Pong(_) => 0,
+    }
+}
+
 async fn write_item(
     w: &mut Writer,
     item: Outbound,
@@ -486,6 +500,7 @@ async fn write_item(
 ) -> Result<(), WebSocketError> {
     match item {
         Outbound::Frame(b) => write_data(w, &b, codec).await,
+        Outbound::Event { bytes, .. } => write_data(w, &bytes, codec).await,
         Outbound::Pong(b) => w.write_frame(Frame::pong(Payload::Borrowed(&b))).await,
         Outbound::Start(start) => write_start(w, *start, gw, codec).await,
     }

@@ -601,13 +601,15 @@ impl Sequencer {
                     let r = &records[idx];
                     let wire = r.wire();
                     let mut enc = Encoded::new(&wire);
-                    let (n, d) = self.registry.deliver(&r.to, r.event.devices(), &mut enc);
+                    let (n, d) =
+                        self.registry
+                            .deliver(&r.to, r.event.devices(), Some(r.off), &mut enc);
                     reached[idx] = n;
                     dead.extend(d);
                 }
                 Effect::Ephemeral { users, frame } => {
                     let mut enc = Encoded::new(&frame);
-                    let (_, d) = self.registry.deliver(&users, Devices::All, &mut enc);
+                    let (_, d) = self.registry.deliver(&users, Devices::All, None, &mut enc);
                     dead.extend(d);
                 }
                 Effect::Answer {

@@ -137,6 +137,43 @@ impl Sequencer {
         }
     }
 
+    /// A session ended before its queue reached the socket: the events after `written`
+    /// addressed to it (messages, notices, invites) are owed to that device as pushes.
+    pub(super) fn owe_unwritten(&mut self, user: &str, device: &str, written: u64) {
+        if !self.settings.push_jobs.enabled || written >= self.committed_head {
+            return;
+        }
+        if self.state.push.of_user(user).all(|((d, _), _)| d != device) {
+            return;
+        }
+        let mut jobs = Vec::new();
+        for off in self.store.inbox(user, written, self.committed_head) {
+            let Ok(Some(r)) = off.and_then(|o| self.store.get(o)) else {
+                continue;
+            };
+            let mut owed = jobs_for(
+                &r,
+                &self.state.push,
+                |u, d| !(u == user && d == device),
+                &self.settings.push_jobs,
+            );
+            for j in &mut owed {
+                // Distinct from the jobs made at append time (low 15 bits).
+                j.id = (j.off << 16) | 0x8000 | (rand::random::<u16>() as u64 & 0x7fff);
+            }
+            jobs.extend(owed);
+        }
+        for j in jobs {
+            if let Err(e) = self.store.put_raw(&j.key(), &j.encode()) {
+                tracing::warn!(user, device, error = %e, "owed push could not be recorded");
+                continue;
+            }
+            if let Some(tx) = &self.push_tx {
+                let _ = tx.try_send((j.key(), j.due_ms));
+            }
+        }
+    }
+
     /// Outbox jobs owed by a record just emitted (offline devices with tokens).
     pub(super) fn owe_pushes(&mut self, record: &Record) {
         if !matches!(

@@ -101,6 +101,7 @@ impl Sequencer {
                 replay,
                 user: user.clone(),
                 device: handle.device.clone(),
+                head,
                 sync: codec.encode(&json!({"ev": "sync", "head": head})).ok()?,
                 snapshot: codec.encode(&snapshot).ok()?,
             })
@@ -112,6 +113,11 @@ impl Sequencer {
             )));
             return;
         };
+        // Until the writer says otherwise, the device has what the replay gives it.
+        handle
+            .ctl
+            .written_off
+            .store(head, std::sync::atomic::Ordering::Relaxed);
         if handle
             .tx
             .try_send(Outbound::Start(Box::new(start)))
@@ -137,6 +143,8 @@ impl Sequencer {
         tracing::debug!(session = id, user = %h.user, device = %h.device, "session ended");
         self.connections_changed();
         self.last_disconnect.insert(h.user.clone(), now_ms());
+        let written = h.ctl.written_off.load(std::sync::atomic::Ordering::Relaxed);
+        self.owe_unwritten(&h.user, &h.device, written);
         if !self.draining {
             self.presence_refresh(&h.user);
             if self.registry.device_count(&h.user) == 0 {
