@@ -360,14 +360,32 @@ pub struct Wire<'a> {
     pub ts: u64,
 }
 
-/// The `/v1/events` shape: the wire shape plus the audience.
-#[derive(Serialize)]
+/// The `/v1/events` shape: the wire shape plus the audience as `to`. An event with a `to`
+/// of its own (`call.invite`: the invited users) has it as `invited` here, so the object
+/// never carries a key twice.
 pub struct WireWithAudience<'a> {
-    #[serde(flatten)]
     pub event: &'a Event,
     pub off: u64,
     pub ts: u64,
     pub to: &'a [String],
+}
+
+impl Serialize for WireWithAudience<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let wire = Wire {
+            event: self.event,
+            off: self.off,
+            ts: self.ts,
+        };
+        let mut v = serde_json::to_value(&wire).map_err(serde::ser::Error::custom)?;
+        if let Value::Object(map) = &mut v {
+            if let Some(own) = map.remove("to") {
+                map.insert("invited".into(), own);
+            }
+            map.insert("to".into(), Value::from(self.to.to_vec()));
+        }
+        v.serialize(s)
+    }
 }
 
 impl Record {
@@ -429,6 +447,33 @@ mod tests {
             Codec::Msgpack.decode(&m).unwrap(),
             Codec::Json.decode(&j).unwrap()
         );
+    }
+
+    #[test]
+    fn the_audience_is_the_only_to_on_v1_events() {
+        let r = Record {
+            off: 9,
+            ts: 1,
+            to: vec!["a".into(), "b".into()],
+            event: Event::CallInvite(CallInviteEv {
+                call: "call-9".into(),
+                from: "a".into(),
+                device: "d".into(),
+                to: vec!["b".into()],
+                media: Media::Audio,
+                ring_ms: 30000,
+                time_limit_s: None,
+                meta: json!(null),
+            }),
+        };
+        let text = serde_json::to_string(&r.wire_with_audience()).unwrap();
+        assert_eq!(text.matches("\"to\"").count(), 1, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["to"], json!(["a", "b"]));
+        assert_eq!(v["invited"], json!(["b"]));
+        assert_eq!(v["off"], json!(9));
+        let m = Codec::Msgpack.encode(&r.wire_with_audience()).unwrap();
+        assert_eq!(Codec::Msgpack.decode(&m).unwrap(), v);
     }
 
     #[test]
