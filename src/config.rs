@@ -240,10 +240,6 @@ pub struct ApnsApp {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncConfig {
-    /// tokio-postgres connection string of the PostgreSQL sink ("" = none).
-    pub postgres_url: String,
-    /// ADO.NET connection string of the SQL Server sink ("" = none).
-    pub mssql_url: String,
     /// Most events in one sink transaction.
     pub batch_max: usize,
     /// Longest wait for a batch to fill before it is written, ms.
@@ -251,6 +247,17 @@ pub struct SyncConfig {
     /// Reconnect backoff with full jitter: base and cap, ms.
     pub retry_base_ms: u64,
     pub retry_cap_ms: u64,
+    /// The PostgreSQL sink (`sync.postgres.url`: tokio-postgres connection string).
+    pub postgres: SinkConfig,
+    /// The SQL Server sink (`sync.mssql.url`: ADO.NET connection string).
+    pub mssql: SinkConfig,
+}
+
+/// One SQL sink: its connection string ("" = no sink).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub url: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

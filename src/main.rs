@@ -39,7 +39,7 @@ enum Cmd {
     },
     /// Rebuild a SQL sink's tables from the log of a stopped broker (storage.dir), then exit.
     Sync {
-        /// `postgres` or `mssql` (its URL comes from sync.postgres_url / sync.mssql_url).
+        /// `postgres` or `mssql` (its URL comes from sync.postgres.url / sync.mssql.url).
         #[arg(long)]
         sink: String,
         /// Offset to start after: 0 empties the sink's tables first and replays everything.

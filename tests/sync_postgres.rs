@@ -181,15 +181,15 @@ impl TestDb {
     /// The config key (as an environment variable) naming this sink.
     fn env_key(&self) -> &'static str {
         match self.sink {
-            "postgres" => "SWITCHBOARD_SYNC__POSTGRES_URL",
-            _ => "SWITCHBOARD_SYNC__MSSQL_URL",
+            "postgres" => "SWITCHBOARD_SYNC__POSTGRES__URL",
+            _ => "SWITCHBOARD_SYNC__MSSQL__URL",
         }
     }
 
     fn configure(&self, cfg: &mut switchboard::Config, url: &str) {
         match self.sink {
-            "postgres" => cfg.sync.postgres_url = url.to_string(),
-            _ => cfg.sync.mssql_url = url.to_string(),
+            "postgres" => cfg.sync.postgres.url = url.to_string(),
+            _ => cfg.sync.mssql.url = url.to_string(),
         }
         cfg.sync.batch_ms = 20;
         cfg.sync.retry_base_ms = 50;

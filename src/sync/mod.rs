@@ -617,13 +617,13 @@ impl Handle {
 /// The sinks `config` asks for (none by default).
 pub fn configured(c: &SyncConfig) -> Result<Vec<AnySink>, SyncError> {
     let mut out = Vec::new();
-    if !c.postgres_url.is_empty() {
+    if !c.postgres.url.is_empty() {
         out.push(AnySink::Postgres(Box::new(postgres::PgSink::new(
-            &c.postgres_url,
+            &c.postgres.url,
         )?)));
     }
-    if !c.mssql_url.is_empty() {
-        out.push(AnySink::Mssql(Box::new(mssql::MsSink::new(&c.mssql_url)?)));
+    if !c.mssql.url.is_empty() {
+        out.push(AnySink::Mssql(Box::new(mssql::MsSink::new(&c.mssql.url)?)));
     }
     Ok(out)
 }
@@ -638,11 +638,11 @@ impl AnySink {
     /// The sink of `--sink <name>` built from `config`.
     pub fn by_name(name: &str, c: &SyncConfig) -> Result<AnySink, SyncError> {
         match name {
-            "postgres" if !c.postgres_url.is_empty() => Ok(AnySink::Postgres(Box::new(
-                postgres::PgSink::new(&c.postgres_url)?,
+            "postgres" if !c.postgres.url.is_empty() => Ok(AnySink::Postgres(Box::new(
+                postgres::PgSink::new(&c.postgres.url)?,
             ))),
-            "mssql" if !c.mssql_url.is_empty() => {
-                Ok(AnySink::Mssql(Box::new(mssql::MsSink::new(&c.mssql_url)?)))
+            "mssql" if !c.mssql.url.is_empty() => {
+                Ok(AnySink::Mssql(Box::new(mssql::MsSink::new(&c.mssql.url)?)))
             }
             "postgres" | "mssql" => Err(SyncError::Url(format!(
                 "sync.{name}_url is empty; set it in the config file or SWITCHBOARD_SYNC__{}_URL",
