@@ -15,8 +15,7 @@ use tokio::sync::RwLock;
 
 use super::provider::{redact, Outcome, ProviderKind, PushMessage};
 use super::providers::{
-    fit_payload, request_error_text, retry_after, short_collapse_id, PushConfigError,
-    METRIC_TOKEN_REFRESHES,
+    exchange, fit_payload, short_collapse_id, Answer, PushConfigError, METRIC_TOKEN_REFRESHES,
 };
 use crate::config::ApnsApp;
 
@@ -204,25 +203,13 @@ impl ApnsClient {
             for (name, value) in &request.headers {
                 req = req.header(*name, value.as_str());
             }
-            let resp = match req.body(request.body.clone()).send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    return Outcome::Retry {
-                        after: None,
-                        reason: format!("apns: {}", request_error_text(e)),
-                    }
-                }
-            };
-            let status = resp.status();
-            let after = retry_after(resp.headers());
-            let bytes = match resp.bytes().await {
-                Ok(b) => b,
-                Err(e) => {
-                    return Outcome::Retry {
-                        after,
-                        reason: format!("apns: reading the response: {}", request_error_text(e)),
-                    }
-                }
+            let Answer {
+                status,
+                after,
+                body: bytes,
+            } = match exchange(req.body(request.body.clone()), "apns").await {
+                Ok(a) => a,
+                Err(outcome) => return outcome,
             };
             match classify(status, after, &bytes) {
                 Class::Done(outcome) => return outcome,

@@ -17,8 +17,8 @@ use tokio::sync::{Mutex, RwLock};
 
 use super::provider::{Outcome, PushMessage};
 use super::providers::{
-    fit_payload, now_unix_ms, now_unix_s, request_error_text, retry_after, short_collapse_id,
-    PushConfigError, METRIC_TOKEN_REFRESHES,
+    exchange, fit_payload, now_unix_ms, now_unix_s, request_error_text, retry_after,
+    short_collapse_id, Answer, PushConfigError, METRIC_TOKEN_REFRESHES,
 };
 use crate::config::FcmApp;
 
@@ -220,33 +220,19 @@ impl FcmClient {
                 Ok(t) => t,
                 Err(outcome) => return outcome,
             };
-            let resp = self
+            let req = self
                 .http
                 .post(&self.send_url)
                 .bearer_auth(&token.value)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone())
-                .send()
-                .await;
-            let resp = match resp {
-                Ok(r) => r,
-                Err(e) => {
-                    return Outcome::Retry {
-                        after: None,
-                        reason: format!("fcm: {}", request_error_text(e)),
-                    }
-                }
-            };
-            let status = resp.status();
-            let after = retry_after(resp.headers());
-            let bytes = match resp.bytes().await {
-                Ok(b) => b,
-                Err(e) => {
-                    return Outcome::Retry {
-                        after,
-                        reason: format!("fcm: reading the response: {}", request_error_text(e)),
-                    }
-                }
+                .body(body.clone());
+            let Answer {
+                status,
+                after,
+                body: bytes,
+            } = match exchange(req, "fcm").await {
+                Ok(a) => a,
+                Err(outcome) => return outcome,
             };
             match classify(status, after, &bytes) {
                 Class::Done(outcome) => return outcome,

@@ -289,6 +289,39 @@ pub(crate) fn request_error_text(e: reqwest::Error) -> String {
 }
 
 /// The `Retry-After` header: delta-seconds or an HTTP-date (IMF-fixdate).
+/// A provider's answer: status, Retry-After and body.
+pub(crate) struct Answer {
+    pub status: reqwest::StatusCode,
+    pub after: Option<Duration>,
+    pub body: bytes::Bytes,
+}
+
+/// Sends a request and reads the whole answer. A transport failure (no answer, or a body
+/// that could not be read) is a `Retry`, labelled with the provider's name.
+pub(crate) async fn exchange(
+    req: reqwest::RequestBuilder,
+    provider: &str,
+) -> Result<Answer, Outcome> {
+    let resp = req.send().await.map_err(|e| Outcome::Retry {
+        after: None,
+        reason: format!("{provider}: {}", request_error_text(e)),
+    })?;
+    let status = resp.status();
+    let after = retry_after(resp.headers());
+    let body = resp.bytes().await.map_err(|e| Outcome::Retry {
+        after,
+        reason: format!(
+            "{provider}: reading the response: {}",
+            request_error_text(e)
+        ),
+    })?;
+    Ok(Answer {
+        status,
+        after,
+        body,
+    })
+}
+
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
     parse_retry_after(value, now_unix_s())
