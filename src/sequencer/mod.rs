@@ -571,7 +571,7 @@ impl Sequencer {
             let err = unavailable(&e);
             for effect in effects {
                 if let Effect::Answer { to, .. } = effect {
-                    self.send_answer(to, Err(err.clone()), 0);
+                    self.send_answer(to, Err(err.clone()));
                 }
             }
             match rebuild(&self.store) {
@@ -617,22 +617,16 @@ impl Sequencer {
                     result,
                     live_of,
                 } => {
-                    let live = live_of.map(|i| reached[i]).unwrap_or(0);
                     let result = match (result, live_of) {
-                        (Ok(mut reply), Some(_)) => {
+                        (Ok(mut reply), Some(i)) => {
                             if let Value::Object(map) = &mut reply.body {
-                                map.insert("live".into(), Value::from(live));
+                                map.insert("live".into(), Value::from(reached[i]));
                             }
                             Ok(reply)
                         }
                         (r, _) => r,
                     };
-                    if let AnswerTo::Session { id, .. } = &to {
-                        if self.registry.get(*id).is_none() {
-                            continue;
-                        }
-                    }
-                    if let Some(id) = self.send_answer(to, result, live) {
+                    if let Some(id) = self.send_answer(to, result) {
                         dead.push(id);
                     }
                 }
@@ -658,7 +652,7 @@ impl Sequencer {
     }
 
     /// Sends one answer; returns a session that must be dropped (its queue was full).
-    fn send_answer(&self, to: AnswerTo, result: ApiResult, _live: usize) -> Option<SessionId> {
+    fn send_answer(&self, to: AnswerTo, result: ApiResult) -> Option<SessionId> {
         match to {
             AnswerTo::Api(tx) => {
                 let _ = tx.send(result);
