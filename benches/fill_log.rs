@@ -1,0 +1,117 @@
+//! Fills a data directory with N realistic chat events, for start-up and disk figures
+//! (issue 7): `docs/BENCHMARKS.md` section 7 has the commands.
+//!
+//! Run: `cargo bench --bench fill_log -- DIR N [USERS]`. DIR must not hold a log yet.
+//! Events are direct messages between USERS users (default 10,000) in pairs, each with a
+//! ~100-byte JSON body, a `cid` and two recipients, so each writes the event, two inbox
+//! entries, a conversation entry and a dedupe entry: what the broker writes for a chat
+//! message. They go through `Store::append` in batches of 1,024 (as the sequencer would
+//! under load) with one flush at the end; per-conversation `seq` and timestamps are
+//! consistent, so a broker starting on the directory replays them like its own.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use serde_json::json;
+use switchboard::config::Durability;
+use switchboard::log::event::MessageEv;
+use switchboard::log::{Event, Record, Store};
+
+const BATCH: u64 = 1024;
+
+fn main() {
+    // `cargo bench` passes `--bench`; ignore flags.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let (Some(dir), Some(n)) = (
+        args.first(),
+        args.get(1).and_then(|n| n.parse::<u64>().ok()),
+    ) else {
+        eprintln!("usage: cargo bench --bench fill_log -- DIR N [USERS]");
+        std::process::exit(2);
+    };
+    let users: u64 = args
+        .get(2)
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(10_000)
+        .max(2);
+    let dir = std::path::Path::new(dir);
+    let store = match Store::open(dir, Durability::None, 5) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("open {}: {e}", dir.display());
+            std::process::exit(1);
+        }
+    };
+    let start = match store.head() {
+        Ok(0) => 1,
+        Ok(h) => {
+            eprintln!("{} already holds {h} events", dir.display());
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    let t0 = Instant::now();
+    let mut seqs: HashMap<u64, u64> = HashMap::new();
+    let ts0 = 1_767_225_600_000u64;
+    let mut off = start;
+    let mut batch = Vec::with_capacity(BATCH as usize);
+    while off < start + n {
+        batch.clear();
+        let end = (off + BATCH).min(start + n);
+        for o in off..end {
+            // A pseudo-random pair, fixed by the offset.
+            let a = o.wrapping_mul(2_654_435_761) % users;
+            let b = (a + 1 + o.wrapping_mul(40_503) % (users - 1)) % users;
+            let (x, y) = if a < b { (a, b) } else { (b, a) };
+            let pair = x * users + y;
+            let seq = seqs.entry(pair).or_insert(0);
+            *seq += 1;
+            let (from, to) = (format!("user{a}"), format!("user{b}"));
+            batch.push(Record {
+                off: o,
+                ts: ts0 + o,
+                to: vec![from.clone(), to],
+                event: Event::Message(MessageEv {
+                    conv: format!("dm:user{x}:user{y}"),
+                    seq: *seq,
+                    from,
+                    device: Some("phone-1".into()),
+                    cid: Some(format!("c{o}")),
+                    body: json!({
+                        "text": "The quick brown fox jumps over the lazy dog, twice over.",
+                        "n": o,
+                        "kind": "text",
+                    }),
+                }),
+            });
+        }
+        if let Err(e) = store.append(&batch) {
+            eprintln!("append at {off}: {e}");
+            std::process::exit(1);
+        }
+        off = end;
+        if (off - start) % (BATCH * 256) < BATCH {
+            eprintln!(
+                "{} events, {:.0} s",
+                off - start,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    if let Err(e) = store.flush_blocking() {
+        eprintln!("flush: {e}");
+        std::process::exit(1);
+    }
+    let bytes = store.size_on_disk();
+    println!(
+        "{{\"events\":{n},\"users\":{users},\"seconds\":{:.1},\"bytes_on_disk\":{bytes},\"bytes_per_event\":{}}}",
+        t0.elapsed().as_secs_f64(),
+        bytes / n.max(1)
+    );
+}
