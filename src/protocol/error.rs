@@ -15,6 +15,8 @@ pub enum ErrorCode {
     Busy,
     RateLimited,
     TooLarge,
+    /// An HTTP request body slower than `server.body_timeout_ms` (HTTP API only).
+    Timeout,
     Unavailable,
     Internal,
 }
@@ -29,6 +31,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict | ErrorCode::Busy => 409,
             ErrorCode::TooLarge => 413,
+            ErrorCode::Timeout => 408,
             ErrorCode::RateLimited => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
@@ -45,6 +48,7 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooLarge => "too_large",
+            ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
