@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub header_timeout_ms: u64,
     /// Largest API request body, bytes.
     pub max_body_bytes: usize,
+    /// Slowloris guard on the body: time to receive a whole request body, ms.
+    pub body_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -138,6 +140,16 @@ pub struct LimitsConfig {
     pub outbound_queue: usize,
     pub max_replay_events: u64,
     pub max_connections: usize,
+    /// Per-session token bucket: frames refilled per second (0: no rate limit).
+    pub rate_per_s: u32,
+    /// Per-session token bucket: capacity, frames (a burst allowed at once).
+    pub rate_burst: u32,
+    /// Consecutive `rate_limited` frames after which the session is closed with 4009.
+    pub rate_strikes: u32,
+    /// Distinct devices of one user online at once (a further device's hello is refused).
+    pub max_devices_per_user: usize,
+    /// Most members of one room (HTTP API create and add beyond it are refused).
+    pub max_room_members: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -409,11 +421,20 @@ impl Config {
             ("sync.retry_cap_ms", self.sync.retry_cap_ms),
             ("server.max_body_bytes", self.server.max_body_bytes as u64),
             ("retention.batch", self.retention.batch as u64),
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
+            ("limits.max_devices_per_user", self.limits.max_devices_per_user as u64),
+            ("limits.max_room_members", self.limits.max_room_members as u64),
         ];
         for (key, v) in positive {
             if v == 0 {
                 return Err(key_error(key, "must be greater than 0"));
             }
+        }
+        if self.limits.rate_per_s > 0 && self.limits.rate_burst == 0 {
+            return Err(key_error(
+                "limits.rate_burst",
+                "must be greater than 0 when limits.rate_per_s is set",
+            ));
         }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             return Err(key_error(

@@ -69,7 +69,10 @@ async fn dispatch(req: Request<Incoming>, gw: &Arc<Gateway>) -> Result<Response<
         .collect::<Result<_, _>>()?;
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let query = parse_query(req.uri().query().unwrap_or(""));
-    let max_body = gw.config.server.max_body_bytes;
+    let max_body = BodyLimit {
+        bytes: gw.config.server.max_body_bytes,
+        timeout: std::time::Duration::from_millis(gw.config.server.body_timeout_ms),
+    };
     match (method, segs.as_slice()) {
         (Method::POST, ["users", user, "notices"]) => {
             check_user("user", user)?;
@@ -113,11 +116,16 @@ async fn dispatch(req: Request<Incoming>, gw: &Arc<Gateway>) -> Result<Response<
         }
         (Method::POST, ["users", user, "disconnect"]) => {
             check_user("user", user)?;
-            let _b: Option<DisconnectBody> = read_optional_json(req, max_body).await?;
+            let b: Option<DisconnectBody> = read_optional_json(req, max_body).await?;
+            let reason = b.and_then(|b| b.reason);
+            if reason.as_ref().is_some_and(|r| r.chars().count() > 256) {
+                return Err(ProtoError::bad_request("`reason` is at most 256 characters"));
+            }
             call(
                 gw,
                 ApiCmd::Disconnect {
                     user: user.to_string(),
+                    reason,
                 },
             )
             .await
@@ -325,8 +333,33 @@ fn check_body(gw: &Gateway, body: &Value) -> Result<(), ProtoError> {
     Ok(())
 }
 
-async fn read_bytes(req: Request<Incoming>, max: usize) -> Result<Bytes, ProtoError> {
-    match Limited::new(req.into_body(), max).collect().await {
+/// The bounds of a request body: size (`server.max_body_bytes`) and the time to receive
+/// it (`server.body_timeout_ms`, the slowloris guard on the body).
+#[derive(Debug, Clone, Copy)]
+struct BodyLimit {
+    bytes: usize,
+    timeout: std::time::Duration,
+}
+
+async fn read_bytes(req: Request<Incoming>, limit: BodyLimit) -> Result<Bytes, ProtoError> {
+    let max = limit.bytes;
+    let collected =
+        match tokio::time::timeout(limit.timeout, Limited::new(req.into_body(), max).collect())
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::debug!(timeout_ms = limit.timeout.as_millis() as u64, "request body timed out");
+                return Err(ProtoError::new(
+                    crate::protocol::ErrorCode::Timeout,
+                    format!(
+                        "the request body did not arrive within {} ms",
+                        limit.timeout.as_millis()
+                    ),
+                ));
+            }
+        };
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProtoError::too_large(
             format!("request body is over {max} bytes"),
@@ -339,7 +372,7 @@ async fn read_bytes(req: Request<Incoming>, max: usize) -> Result<Bytes, ProtoEr
 
 async fn read_json<T: DeserializeOwned>(
     req: Request<Incoming>,
-    max: usize,
+    max: BodyLimit,
 ) -> Result<T, ProtoError> {
     let bytes = read_bytes(req, max).await?;
     parse_object(&bytes)
@@ -347,7 +380,7 @@ async fn read_json<T: DeserializeOwned>(
 
 async fn read_optional_json<T: DeserializeOwned>(
     req: Request<Incoming>,
-    max: usize,
+    max: BodyLimit,
 ) -> Result<Option<T>, ProtoError> {
     let bytes = read_bytes(req, max).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -383,7 +416,6 @@ struct ContactsBody {
 #[derive(Deserialize)]
 struct DisconnectBody {
     #[serde(default)]
-    #[allow(dead_code)]
     reason: Option<String>,
 }
 

@@ -1,6 +1,9 @@
 //! Connection tokens: JWT verification (HS256 with a secret, RS256/ES256 with a public
-//! key) and minting for development. `exp` and `sub` are required, `alg: none` and any
-//! algorithm but the configured one are refused, the clock leeway is configurable.
+//! key) and minting for development. `exp` and `sub` are required (and `aud` / `iss` when
+//! `auth.audience` / `auth.issuer` are set), `alg: none` and any algorithm but the
+//! configured one are refused, the clock leeway is configurable. `iat` is read for the
+//! backend's revocation (a disconnect refuses tokens issued before it); the check itself
+//! needs State and is made by the sequencer at hello.
 
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -13,6 +16,9 @@ use crate::protocol::frames::check_user;
 pub struct Claims {
     pub sub: String,
     pub exp: u64,
+    /// Issued at, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,16 +70,21 @@ impl Verifier {
         };
         let mut validation = Validation::new(alg);
         validation.leeway = cfg.leeway_s;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken checks `aud`/`iss` only when the token has them: a configured one
+        // must also be required, or a token without the claim would pass.
+        let mut required = vec!["exp", "sub"];
         validation.validate_exp = true;
         if !cfg.audience.is_empty() {
             validation.set_audience(&[cfg.audience.as_str()]);
+            required.push("aud");
         } else {
             validation.validate_aud = false;
         }
         if !cfg.issuer.is_empty() {
             validation.set_issuer(&[cfg.issuer.as_str()]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         Ok(Verifier { key, validation })
     }
 
@@ -92,6 +103,7 @@ pub fn mint(secret: &str, user: &str, ttl_s: u64, now_s: u64) -> Result<String, 
     let claims = Claims {
         sub: user.to_string(),
         exp: now_s + ttl_s,
+        iat: Some(now_s),
         name: None,
         contacts: None,
     };
@@ -138,6 +150,34 @@ mod tests {
         let none = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0.";
         assert!(v.verify(none).is_err());
         assert!(v.verify("not.a.jwt").is_err());
+    }
+
+    #[test]
+    fn configured_audience_and_issuer_are_required_and_checked() {
+        let mut c = Config::embedded().auth;
+        c.jwt_secret = "s3cret".into();
+        c.audience = "chat".into();
+        c.issuer = "https://id.example".into();
+        let v = Verifier::new(&c).unwrap();
+        let sign = |claims: serde_json::Value| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(b"s3cret"),
+            )
+            .unwrap()
+        };
+        let exp = now() + 60;
+        let good = serde_json::json!({"sub": "alice", "exp": exp, "aud": "chat", "iss": "https://id.example"});
+        assert!(v.verify(&sign(good.clone())).is_ok());
+        for (k, bad) in [("aud", "other"), ("iss", "https://evil.example")] {
+            let mut claims = good.clone();
+            claims[k] = serde_json::json!(bad);
+            assert!(v.verify(&sign(claims)).is_err(), "wrong {k} accepted");
+            let mut claims = good.clone();
+            claims.as_object_mut().unwrap().remove(k);
+            assert!(v.verify(&sign(claims)).is_err(), "missing {k} accepted");
+        }
     }
 
     #[test]

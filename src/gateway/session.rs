@@ -24,6 +24,7 @@ use tokio::io::{BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
+use super::rate::{RateLimiter, Verdict};
 use super::Gateway;
 use crate::fanout::{Outbound, SessionCtl, SessionHandle, SessionId, SessionStart};
 use crate::protocol::frames::{parse_frame, ClientOp};
@@ -103,6 +104,13 @@ async fn read_loop(
     let mut session: Option<(String, String)> = None; // (user, device) once hello succeeded
     let mut partial: Option<(OpCode, Vec<u8>)> = None;
     let mut send_nothing = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
+    let lim = &gw.config.limits;
+    let mut limiter = RateLimiter::new(
+        lim.rate_per_s,
+        lim.rate_burst,
+        lim.rate_strikes,
+        std::time::Instant::now(),
+    );
     loop {
         let next = if session.is_none() {
             // Before hello the read is bounded by the hello timeout; on timeout the
@@ -224,6 +232,29 @@ async fn read_loop(
             }
             continue;
         };
+        let verdict = limiter.check(std::time::Instant::now());
+        if verdict != Verdict::Pass {
+            // Answered here, not by the sequencer: a flood costs the sequencer nothing.
+            metrics::counter!(m::FRAMES_IN, "result" => "rate_limited").increment(1);
+            let re = match &parsed {
+                Ok(f) => f.id,
+                Err(e) => e.id,
+            };
+            let error = ProtoError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "over limits.rate_per_s ({}/s, burst {}); nothing was applied",
+                    lim.rate_per_s, lim.rate_burst
+                ),
+            );
+            reply_now(&tx, codec, re, error);
+            if verdict == Verdict::Close {
+                tracing::info!(session = id, user = %user, strikes = lim.rate_strikes, "session closed: rate limited");
+                ctl.close_with(CloseCode::RateLimited);
+                return;
+            }
+            continue;
+        }
         metrics::counter!(m::FRAMES_IN, "result" => if parsed.is_ok() { "ok" } else { "bad_request" }).increment(1);
         let cmd = match parsed {
             Err(e) => Command::Reject {
@@ -338,6 +369,7 @@ async fn hello(
         reply_id,
         since: h.since,
         contacts,
+        iat: claims.iat,
         done: done_tx,
     }));
     if gw.commands.send(cmd).await.is_err() {
@@ -348,10 +380,11 @@ async fn hello(
         Ok(Err(e)) => {
             let code = e.code;
             reply_now(tx, codec, reply_id, e);
-            ctl.close(if code == ErrorCode::Unavailable {
-                1013
-            } else {
-                CloseCode::Unauthorized.code()
+            ctl.close(match code {
+                ErrorCode::Unavailable => 1013,
+                // limits.max_devices_per_user: a policy, not a bad token.
+                ErrorCode::Busy => 1008,
+                _ => CloseCode::Unauthorized.code(),
             });
             Err(())
         }

@@ -243,6 +243,17 @@ pub struct PushTokenRemovedEv {
     pub reason: String,
 }
 
+/// The backend disconnected a user (`POST /v1/users/{user}/disconnect`): every connection
+/// token of the user issued before the second of this record's `ts` (`iat` earlier, or no
+/// `iat` at all) is refused from now on. Never sent to sockets (the audience is empty).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokensRevokedEv {
+    pub user: String,
+    /// The `reason` the backend gave, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// Every durable event type. The tag is the wire `ev` name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "ev")]
@@ -289,6 +300,8 @@ pub enum Event {
     PushToken(PushTokenEv),
     #[serde(rename = "push.token_removed")]
     PushTokenRemoved(PushTokenRemovedEv),
+    #[serde(rename = "tokens.revoked")]
+    TokensRevoked(TokensRevokedEv),
 }
 
 /// Which of a recipient user's devices an event is for.
@@ -334,6 +347,7 @@ impl Event {
             Event::PushRequest(_) => "push.request",
             Event::PushToken(_) => "push.token",
             Event::PushTokenRemoved(_) => "push.token_removed",
+            Event::TokensRevoked(_) => "tokens.revoked",
         }
     }
 

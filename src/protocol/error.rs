@@ -17,6 +17,8 @@ pub enum ErrorCode {
     TooLarge,
     /// Asked for events retention has deleted (HTTP API only).
     Expired,
+    /// An HTTP request body slower than `server.body_timeout_ms` (HTTP API only).
+    Timeout,
     Unavailable,
     Internal,
 }
@@ -32,6 +34,7 @@ impl ErrorCode {
             ErrorCode::Conflict | ErrorCode::Busy => 409,
             ErrorCode::TooLarge => 413,
             ErrorCode::Expired => 410,
+            ErrorCode::Timeout => 408,
             ErrorCode::RateLimited => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
@@ -49,6 +52,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Expired => "expired",
+            ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }

@@ -7,7 +7,9 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::{ApiCmd, ApiReply, ApiResult, Sequencer};
-use crate::log::event::{ContactsEv, Event, MemberChange, NoticeEv, RoomCreatedEv, RoomMemberEv};
+use crate::log::event::{
+    ContactsEv, Event, MemberChange, NoticeEv, RoomCreatedEv, RoomMemberEv, TokensRevokedEv,
+};
 use crate::protocol::frames::Platform;
 use crate::protocol::{CloseCode, ProtoError};
 use crate::state::ConvId;
@@ -61,7 +63,15 @@ impl Sequencer {
                 );
                 ok(json!({"user": user, "contacts": contacts}))
             }
-            ApiCmd::Disconnect { user } => {
+            ApiCmd::Disconnect { user, reason } => {
+                // Durable first: the tokens issued so far stay refused after a restart.
+                self.emit(
+                    vec![],
+                    Event::TokensRevoked(TokensRevokedEv {
+                        user: user.clone(),
+                        reason,
+                    }),
+                );
                 let ids: Vec<u64> = self.registry.of_user(&user).map(|h| h.id).collect();
                 for id in &ids {
                     if let Some(h) = self.registry.get(*id) {
@@ -128,6 +138,13 @@ impl Sequencer {
         let mut members = members;
         members.sort();
         members.dedup();
+        if members.len() > self.settings.max_room_members {
+            return Err(ProtoError::bad_request(format!(
+                "{} members; limits.max_room_members is {}",
+                members.len(),
+                self.settings.max_room_members
+            )));
+        }
         let (_, off, _) = self.emit(
             vec![],
             Event::RoomCreated(RoomCreatedEv {
@@ -169,6 +186,12 @@ impl Sequencer {
             return ok(json!({"room": room, "user": user, "changed": false}));
         }
         let mut to = self.state.members_of(&conv);
+        if change == MemberChange::Joined && to.len() >= self.settings.max_room_members {
+            return Err(ProtoError::conflict(format!(
+                "{conv} is full: limits.max_room_members is {}",
+                self.settings.max_room_members
+            )));
+        }
         if change == MemberChange::Joined {
             to.push(user.clone());
         }

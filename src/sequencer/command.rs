@@ -49,6 +49,8 @@ pub enum ApiCmd {
     },
     Disconnect {
         user: String,
+        /// The backend's reason, kept in the `tokens.revoked` event.
+        reason: Option<String>,
     },
     Presence {
         user: String,
@@ -70,6 +72,8 @@ pub struct HelloCmd {
     pub since: Option<u64>,
     /// The token's `contacts` claim, when it has one.
     pub contacts: Option<Vec<String>>,
+    /// The token's `iat` (Unix s), checked against a backend disconnect.
+    pub iat: Option<u64>,
     /// Answered once the session is registered (or refused).
     pub done: oneshot::Sender<Result<(), ProtoError>>,
 }

@@ -21,12 +21,17 @@ impl Sequencer {
             reply_id,
             since,
             contacts,
+            iat,
             done,
         } = cmd;
         if self.registry.len() >= self.settings.max_connections {
             let _ = done.send(Err(ProtoError::unavailable(
                 "the broker is at limits.max_connections; retry later",
             )));
+            return;
+        }
+        if let Err(e) = self.hello_admissible(&handle.user, &handle.device, iat) {
+            let _ = done.send(Err(e));
             return;
         }
         let head = self.committed_head;
@@ -135,6 +140,43 @@ impl Sequencer {
         self.connections_changed();
         let _ = done.send(Ok(()));
         self.presence_refresh(&user);
+    }
+
+    /// Per-user admission at hello: a token issued before a backend disconnect is refused
+    /// (`unauthorized`), and so is a further device past `limits.max_devices_per_user`
+    /// (`busy`; the same device reconnecting replaces its old socket and is not counted).
+    fn hello_admissible(
+        &self,
+        user: &str,
+        device: &str,
+        iat: Option<u64>,
+    ) -> Result<(), ProtoError> {
+        if let Some(revoked_ms) = self.state.user(user).and_then(|u| u.tokens_revoked_ms) {
+            // `iat` has whole seconds: a token of the disconnect's own second still passes.
+            if iat.is_none_or(|iat| iat < revoked_ms / 1000) {
+                return Err(ProtoError::unauthorized(
+                    "the token was issued before the backend disconnected this user",
+                ));
+            }
+        }
+        let mut others: Vec<&str> = self
+            .registry
+            .of_user(user)
+            .map(|h| h.device.as_str())
+            .filter(|d| *d != device)
+            .collect();
+        others.sort_unstable();
+        others.dedup();
+        if others.len() >= self.settings.max_devices_per_user {
+            return Err(ProtoError::new(
+                crate::protocol::ErrorCode::Busy,
+                format!(
+                    "{user} has {} devices online, the most limits.max_devices_per_user allows",
+                    others.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Removes a session (socket gone, kicked or too slow) and updates presence.

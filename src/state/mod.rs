@@ -34,6 +34,10 @@ pub struct UserState {
     /// Users that list this user as a contact.
     pub contacted_by: BTreeSet<String>,
     pub presence: PresenceState,
+    /// `ts` of the newest `tokens.revoked` (backend disconnect), ms: tokens issued in an
+    /// earlier second are refused.
+    #[serde(default)]
+    pub tokens_revoked_ms: Option<u64>,
 }
 
 /// The projection.
@@ -182,6 +186,10 @@ impl State {
             | Event::PushRequest(_) => {}
             Event::PushToken(e) => self.push.register(r.ts, e),
             Event::PushTokenRemoved(e) => self.push.remove(e),
+            Event::TokensRevoked(e) => {
+                let u = self.user_mut(&e.user);
+                u.tokens_revoked_ms = Some(u.tokens_revoked_ms.unwrap_or(0).max(r.ts));
+            }
         }
     }
 

@@ -155,9 +155,9 @@ pub fn send_frames(to: &str, prefix: &str, n: usize) -> Vec<Value> {
 // ---------------------------------------------------------------------------------------------
 // tokens
 
-/// Claims `{sub, exp: now + ttl_s}`.
+/// Claims `{sub, iat: now, exp: now + ttl_s}`.
 pub fn claims(user: &str, ttl_s: i64) -> Value {
-    json!({"sub": user, "exp": now_s() + ttl_s})
+    json!({"sub": user, "iat": now_s(), "exp": now_s() + ttl_s})
 }
 
 /// An HS256 JWT of `claims` signed with `secret`.
@@ -376,6 +376,9 @@ pub fn test_config(dir: &TempDir) -> Config {
     cfg.auth.jwt_secret = random_hex();
     cfg.auth.api_key = random_hex();
     cfg.presence.grace_ms = GRACE_MS;
+    // The per-session rate limit is off: tests pipeline hundreds of frames; tests/limits.rs
+    // turns it on where it is the subject.
+    cfg.limits.rate_per_s = 0;
     cfg
 }
 
@@ -1355,6 +1358,8 @@ impl ServerProcess {
                 "SWITCHBOARD_LOGGING__FORMAT".to_string(),
                 "text".to_string(),
             ),
+            // as in test_config: the rate limit is the subject of tests/limits.rs only
+            ("SWITCHBOARD_LIMITS__RATE_PER_S".to_string(), "0".to_string()),
         ];
         env.extend(self.extra_env.iter().cloned());
         env
