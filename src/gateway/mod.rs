@@ -2,6 +2,7 @@
 //! `/ws` and the HTTP API everywhere else.
 
 pub mod auth;
+pub mod lazybuf;
 pub mod rate;
 pub mod session;
 pub mod tls;

@@ -6,7 +6,8 @@
 //!   reads, and is dropped as a whole when the session ends;
 //! - a whole message, fragments added up, is capped at `limits.max_frame_bytes` (1009);
 //! - the writer buffers frames and flushes when its queue is drained, so a burst costs one
-//!   syscall, not one per frame;
+//!   syscall, not one per frame; the buffer is freed once flushed ([`LazyBuf`]), so an idle
+//!   session holds none;
 //! - replies and events reach the writer only through the bounded queue, in the order the
 //!   sequencer produced them; the replay is written between the hello reply and `sync`.
 
@@ -20,11 +21,12 @@ use fastwebsockets::{
 };
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
 use super::rate::{RateLimiter, Verdict};
+use super::lazybuf::LazyBuf;
 use super::Gateway;
 use crate::fanout::{Outbound, SessionCtl, SessionHandle, SessionId, SessionStart};
 use crate::protocol::frames::{parse_frame, ClientOp};
@@ -34,7 +36,7 @@ use crate::telemetry as m;
 
 type Io = TokioIo<Upgraded>;
 type Reader = WebSocketRead<ReadHalf<Io>>;
-type Writer = WebSocketWrite<BufWriter<WriteHalf<Io>>>;
+type Writer = WebSocketWrite<LazyBuf<WriteHalf<Io>>>;
 
 /// Frames the writer sends before flushing, at most.
 const WRITE_BATCH: usize = 256;
@@ -53,7 +55,7 @@ pub async fn run(
     ws.set_max_message_size(gw.config.limits.max_frame_bytes);
     let (reader, writer) = ws.split(|io| {
         let (r, w) = tokio::io::split(io);
-        (r, BufWriter::with_capacity(16 * 1024, w))
+        (r, LazyBuf::new(w, 16 * 1024))
     });
     let (tx, rx) = mpsc::channel(gw.config.limits.outbound_queue);
     let ctl = Arc::new(SessionCtl::default());
