@@ -48,6 +48,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub heartbeat: HeartbeatConfig,
     pub snapshot: SnapshotConfig,
+    pub retention: RetentionConfig,
     pub presence: PresenceConfig,
     pub typing: TypingConfig,
     pub calls: CallsConfig,
@@ -155,6 +156,30 @@ pub struct SnapshotConfig {
     pub cron: String,
     /// Snapshot files kept.
     pub keep: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Events older than this many seconds are compacted away (0: no age limit).
+    pub max_age_s: u64,
+    /// The retained events and their index entries are kept under this many bytes
+    /// (estimated from their encoded size; 0: no size limit).
+    pub max_bytes: u64,
+    /// When compaction runs (cron with seconds).
+    pub cron: String,
+    /// Events deleted per store batch.
+    pub batch: usize,
+    /// With no snapshot to keep the floor behind, compaction asks for one and waits this
+    /// long for it, ms.
+    pub snapshot_wait_ms: u64,
+}
+
+impl RetentionConfig {
+    /// Whether any limit is set.
+    pub fn enabled(&self) -> bool {
+        self.max_age_s > 0 || self.max_bytes > 0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -383,6 +408,7 @@ impl Config {
             ("sync.retry_base_ms", self.sync.retry_base_ms),
             ("sync.retry_cap_ms", self.sync.retry_cap_ms),
             ("server.max_body_bytes", self.server.max_body_bytes as u64),
+            ("retention.batch", self.retention.batch as u64),
         ];
         for (key, v) in positive {
             if v == 0 {

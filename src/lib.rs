@@ -12,6 +12,7 @@ pub mod log;
 pub mod logtool;
 pub mod protocol;
 pub mod push;
+pub mod retention;
 pub mod scheduler;
 pub mod sequencer;
 pub mod snapshot;
@@ -77,6 +78,8 @@ pub struct Broker {
     scheduler: scheduler::Scheduler,
     push: Option<(tokio_util::sync::CancellationToken, JoinHandle<()>)>,
     sync: Vec<sync::Handle>,
+    retention: retention::Retention,
+    retention_task: Option<(tokio_util::sync::CancellationToken, JoinHandle<()>)>,
     shutdown_timeout: Duration,
 }
 
@@ -140,6 +143,11 @@ impl Broker {
             source,
         })?;
         let shared = Arc::new(Shared::new(state.head));
+        let floor = store.floor()?;
+        shared
+            .floor
+            .store(floor, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!(telemetry::RETENTION_FLOOR).set(floor as f64);
         let (tx, rx) = mpsc::channel(config.log.queue_capacity);
         let mut seq = Sequencer::new(
             Settings::from_config(&config),
@@ -183,7 +191,23 @@ impl Broker {
             })
             .collect();
         let shutdown_timeout = Duration::from_millis(config.shutdown.timeout_ms);
-        let scheduler = scheduler::Scheduler::start(&config, tx.clone()).await?;
+        let retention = retention::Retention {
+            config: config.retention.clone(),
+            store: store.clone(),
+            shared: shared.clone(),
+            commands: tx.clone(),
+            snapshot_dir: snapshot::dir_of(&config.storage.dir),
+            sinks: sync.iter().map(|h| h.sink).collect(),
+        };
+        let (retention_tx, retention_task) = if config.retention.enabled() {
+            let (ticks_tx, ticks) = mpsc::channel(1);
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = retention.clone().spawn(ticks, stop.clone());
+            (Some(ticks_tx), Some((stop, task)))
+        } else {
+            (None, None)
+        };
+        let scheduler = scheduler::Scheduler::start(&config, tx.clone(), retention_tx).await?;
         let gw = Arc::new(Gateway::new(
             config,
             tx.clone(),
@@ -206,6 +230,8 @@ impl Broker {
             scheduler,
             push,
             sync,
+            retention,
+            retention_task,
             shutdown_timeout,
         })
     }
@@ -233,7 +259,7 @@ impl Broker {
             applied.push("logging.level");
         }
         let mut restart = Vec::new();
-        let sections: [(&str, bool); 15] = [
+        let sections: [(&str, bool); 16] = [
             ("sync", new.sync != old.sync),
             ("server", new.server != old.server),
             ("storage", new.storage != old.storage),
@@ -246,6 +272,7 @@ impl Broker {
             ("calls", new.calls != old.calls),
             ("push", new.push != old.push),
             ("snapshot", new.snapshot != old.snapshot),
+            ("retention", new.retention != old.retention),
             ("shutdown", new.shutdown != old.shutdown),
             ("metrics", new.metrics != old.metrics),
             (
@@ -261,6 +288,12 @@ impl Broker {
         Ok(Reloaded { applied, restart })
     }
 
+    /// Runs one compaction now with the configured limits (whether or not the schedule is
+    /// on), and reports what it did.
+    pub async fn compact(&self) -> Result<retention::Report, retention::RetentionError> {
+        self.retention.run().await
+    }
+
     /// The address the gateway listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -271,6 +304,10 @@ impl Broker {
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         self.gateway.stop_http.cancel();
         self.scheduler.stop().await;
+        if let Some((stop, task)) = self.retention_task {
+            stop.cancel();
+            let _ = task.await;
+        }
         if let Some((stop, handle)) = self.push {
             stop.cancel();
             let _ = handle.await;

@@ -11,6 +11,9 @@
 //!   shape (the wire shape plus `to`).
 //! - `verify`: offsets contiguous from the floor to the head, every record's checksum and
 //!   offset, every index entry consistent with the events (both ways), State rebuildable.
+//! - `compact`: rewrites a stopped broker's store into a fresh one and swaps it in, which
+//!   returns to the file system the space retention freed (sled reuses freed space inside
+//!   its file but never shrinks it).
 //! - `backup DIR` / `restore DIR`: a copy of every tree into a fresh sled database, verified
 //!   after writing. Online, the broker copies the events up to the head it has published
 //!   when the backup began and the index entries that point at them (see [`copy_store`]).
@@ -150,6 +153,11 @@ pub enum LogCmd {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Rewrite a stopped broker's store compactly (returns the space retention freed).
+    Compact {
+        #[command(flatten)]
+        src: Source,
+    },
     /// Copy a backup into the data directory of a stopped broker.
     Restore {
         /// The backup directory.
@@ -258,6 +266,13 @@ fn run_to(cmd: LogCmd, out: &mut dyn Write) -> Result<()> {
                 writeln!(out, "{}", report.to_json()).map_err(io("stdout"))
             }
         },
+        LogCmd::Compact { src } => {
+            if online(&src, &Remote::none())?.is_some() {
+                return Err(LogToolError::Usage("compact works offline only".into()));
+            }
+            let report = compact(&data_dir(&src)?)?;
+            writeln!(out, "{report}").map_err(io("stdout"))
+        }
         LogCmd::Restore { backup, src, force } => {
             if online(&src, &Remote::none())?.is_some() {
                 return Err(LogToolError::Usage("restore works offline only".into()));
@@ -385,6 +400,8 @@ pub fn stats(store: &Store) -> Result<LogStats> {
             _ => s.other += 1,
         }
     }
+    // Events below the floor in force may still be on disk (being deleted).
+    s.floor = s.floor.max(store.floor()?);
     for r in store.records(0) {
         match r {
             Ok(r) => *s.by_type.entry(r.event.name().to_string()).or_default() += 1,
@@ -600,6 +617,19 @@ pub fn verify(
         prev = Some(off);
         rep.head = off;
     }
+    // Retention may have deleted every event: the head is then the one below the floor.
+    let meta_floor = store.floor()?;
+    if rep.events > 0 && rep.floor > meta_floor {
+        let last_missing = rep.floor - 1;
+        fault(
+            &mut rep,
+            format!(
+                "events {meta_floor} to {last_missing} are missing above the retention floor {meta_floor}"
+            ),
+        );
+    }
+    rep.head = rep.head.max(meta_floor - 1);
+    rep.floor = rep.floor.max(meta_floor);
     // Index entries: each must point at an event that justifies it.
     let get = |off: u64| -> Result<Option<Record>, LogError> {
         match store.get(off) {
@@ -1059,6 +1089,57 @@ pub fn restore(backup: &Path, target: &Path, force: bool) -> Result<CopyReport> 
         });
     }
     copy_store(&src, backup, target, None)
+}
+
+/// Bytes of every file under `dir` (what the data directory takes on disk).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let mut n = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => todo.push(e.path()),
+                Ok(m) => n += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    n
+}
+
+/// `log compact`: copies the store of the stopped broker at `dir` (every live entry, and
+/// the snapshots) into `<dir>.compacting`, verifies the copy, then swaps the directories.
+/// If interrupted between the two renames, the original is at `<dir>.old`.
+pub fn compact(dir: &Path) -> Result<Value> {
+    let sibling = |suffix: &str| {
+        let mut s = dir.as_os_str().to_os_string();
+        s.push(suffix);
+        PathBuf::from(s)
+    };
+    let (tmp, old) = (sibling(".compacting"), sibling(".old"));
+    let before = dir_bytes(dir);
+    let store = open_existing(dir)?;
+    if tmp.exists() {
+        // What an interrupted compact left; the original is untouched.
+        std::fs::remove_dir_all(&tmp).map_err(io("removing an unfinished compaction"))?;
+    }
+    let copied = copy_store(&store, dir, &tmp, None)?;
+    drop(store);
+    if old.exists() {
+        return Err(LogToolError::NotEmpty(old));
+    }
+    std::fs::rename(dir, &old).map_err(io("moving the old data directory aside"))?;
+    std::fs::rename(&tmp, dir).map_err(io("moving the compacted store in"))?;
+    std::fs::remove_dir_all(&old).map_err(io("removing the old data directory"))?;
+    let after = dir_bytes(dir);
+    Ok(json!({
+        "dir": dir.display().to_string(),
+        "events": copied.events,
+        "floor": copied.floor,
+        "head": copied.head,
+        "bytes_before": before,
+        "bytes_after": after,
+    }))
 }
 
 /// The body of `POST /v1/admin/backup`.

@@ -1,6 +1,8 @@
 //! Scheduled jobs (tokio-cron-scheduler): each job only submits a command to the
 //! sequencer, which decides what the time means: the leftover sweep
-//! (`presence.sweep_cron`) and snapshots (`snapshot.cron`).
+//! (`presence.sweep_cron`) and snapshots (`snapshot.cron`); the compaction tick
+//! (`retention.cron`) goes to the retention worker instead, which asks the sequencer to move
+//! the floor.
 
 use tokio::sync::mpsc;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
@@ -25,6 +27,7 @@ impl Scheduler {
     pub async fn start(
         config: &Config,
         commands: mpsc::Sender<Command>,
+        retention: Option<mpsc::Sender<()>>,
     ) -> Result<Scheduler, SchedulerError> {
         let inner = JobScheduler::new().await?;
         let snapshot_commands = commands.clone();
@@ -56,6 +59,23 @@ impl Scheduler {
             })
             .map_err(|e| SchedulerError::Schedule {
                 key: "snapshot.cron",
+                reason: format!(
+                    "`{cron}` is not a cron schedule (sec min hour day month weekday): {e}"
+                ),
+            })?;
+            inner.add(job).await?;
+        }
+        if let Some(tx) = retention {
+            let cron = config.retention.cron.clone();
+            let job = Job::new_async(cron.as_str(), move |_, _| {
+                let tx = tx.clone();
+                Box::pin(async move {
+                    // A run still going: this tick is skipped.
+                    let _ = tx.try_send(());
+                })
+            })
+            .map_err(|e| SchedulerError::Schedule {
+                key: "retention.cron",
                 reason: format!(
                     "`{cron}` is not a cron schedule (sec min hour day month weekday): {e}"
                 ),

@@ -103,6 +103,17 @@ pub fn list(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The offset a snapshot file's name gives (`<off>.snap`).
+pub fn off_of(path: &Path) -> Option<u64> {
+    path.file_stem()?.to_str()?.parse().ok()
+}
+
+/// Offsets of the oldest and the newest snapshot file of `dir` (by name).
+pub fn range(dir: &Path) -> Option<(u64, u64)> {
+    let all = list(dir);
+    Some((off_of(all.first()?)?, off_of(all.last()?)?))
+}
+
 /// Reads and checks one snapshot file.
 pub fn read(path: &Path) -> Result<State, SnapshotError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
@@ -137,8 +148,12 @@ pub enum Loaded {
 /// State from the newest valid snapshot plus the log tail, or a full replay.
 pub fn load(store: &Store, dir: &Path) -> Result<(State, Loaded), SnapshotError> {
     let head = store.head()?;
+    let floor = store.floor()?;
     for path in list(dir).into_iter().rev() {
         match read(&path) {
+            Ok(state) if state.head + 1 < floor => {
+                tracing::warn!(path = %path.display(), snapshot = state.head, floor, "snapshot is older than the retention floor; ignored")
+            }
             Ok(state) if state.head <= head => {
                 let off = state.head;
                 let (state, replayed) = replay_from(store, state)?;
@@ -149,6 +164,15 @@ pub fn load(store: &Store, dir: &Path) -> Result<(State, Loaded), SnapshotError>
             }
             Err(e) => tracing::warn!(error = %e, "snapshot unusable; trying an older one"),
         }
+    }
+    if floor > 1 {
+        return Err(SnapshotError::Invalid {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "retention compacted the log to offset {floor} and no valid snapshot at or after offset {} remains, so State cannot be rebuilt (restore a backup)",
+                floor - 1
+            ),
+        });
     }
     let (state, replayed) = replay_from(store, State::new())?;
     Ok((state, Loaded::Full { replayed }))

@@ -28,6 +28,14 @@ pub const FRAMES_IN: &str = "switchboard_frames_received_total";
 pub const CLOSES: &str = "switchboard_sessions_closed_total";
 /// Leftovers the scheduled sweep ended, by kind (`session`, `presence`) (counter).
 pub const SWEEP_REMOVED: &str = "switchboard_sweep_removed_total";
+/// Gauge: the retention floor (oldest offset served).
+pub const RETENTION_FLOOR: &str = "switchboard_retention_floor";
+/// Counter: events deleted by compaction.
+pub const RETENTION_DELETED: &str = "switchboard_retention_deleted_total";
+/// Counter: compaction runs, by outcome (`moved`, `held`, `idle`, `error`).
+pub const RETENTION_RUNS: &str = "switchboard_retention_runs_total";
+/// Histogram: seconds one compaction run took (floor decision and deletion).
+pub const RETENTION_SECONDS: &str = "switchboard_retention_seconds";
 /// HTTP API requests, by status (counter, label `status`).
 pub const HTTP_REQUESTS: &str = "switchboard_http_requests_total";
 
@@ -151,6 +159,21 @@ fn describe() {
         SWEEP_REMOVED,
         "leftover sessions and presence entries ended by the sweep, by kind"
     );
+    describe_gauge!(
+        RETENTION_FLOOR,
+        "the retention floor: the oldest offset the log still serves"
+    );
+    describe_counter!(RETENTION_DELETED, "events deleted by compaction");
+    describe_counter!(
+        RETENTION_RUNS,
+        "compaction runs, by outcome (moved, held, idle, error)"
+    );
+    describe_histogram!(
+        RETENTION_SECONDS,
+        Unit::Seconds,
+        "time one compaction run took"
+    );
+    metrics::counter!(RETENTION_DELETED).absolute(0);
     metrics::counter!(SWEEP_REMOVED, "kind" => "session").absolute(0);
     metrics::counter!(SWEEP_REMOVED, "kind" => "presence").absolute(0);
     metrics::counter!(EVENTS_APPENDED).absolute(0);

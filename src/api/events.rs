@@ -51,6 +51,16 @@ pub async fn handle(
         }
         _ => Codec::Json,
     };
+    let floor = gw.shared.floor();
+    if after.saturating_add(1) < floor {
+        return Err(ProtoError::new(
+            crate::protocol::ErrorCode::Expired,
+            format!(
+                "events after {after} are partly gone: retention keeps offsets from {floor}; read from `after={}`",
+                floor - 1
+            ),
+        ));
+    }
     let deadline = Instant::now() + Duration::from_millis(wait_ms);
     let mut head_rx = gw.shared.head.subscribe();
     let mut out: Vec<u8> = Vec::new();

@@ -8,6 +8,7 @@
 //! b'd' len:u16 user cid                 -> off:u64                        (user, cid) dedupe
 //! b'o' len:u16 user len:u16 device job:u64 -> msgpack(push job)           push outbox
 //! b'x' job:u64                           -> msgpack(dead push job)        push dead letters
+//! b'm' name                             -> value                         meta (`floor`: u64)
 //! ```
 //! Variable-length parts carry a length prefix, so one user's keys never interleave with
 //! another's whose id it prefixes.
@@ -18,6 +19,10 @@ pub const CONV: u8 = b'c';
 pub const DEDUPE: u8 = b'd';
 pub const OUTBOX: u8 = b'o';
 pub const DEAD: u8 = b'x';
+pub const META: u8 = b'm';
+
+/// The retention floor: the oldest offset the log still serves (u64 value).
+pub const FLOOR: &[u8] = b"mfloor";
 
 pub fn event(off: u64) -> [u8; 9] {
     let mut k = [0u8; 9];

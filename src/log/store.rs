@@ -72,14 +72,16 @@ impl Store {
         Ok(Store { db, log })
     }
 
-    /// The newest offset (0 for an empty log).
+    /// The newest offset (0 for an empty log). When retention has deleted every event, the
+    /// head is the one below the floor: offsets are never handed out twice.
     pub fn head(&self) -> Result<u64, LogError> {
         let last = self
             .log
             .range(keys::event(0)..=keys::event(u64::MAX))
             .next_back()
             .transpose()?;
-        Ok(last.and_then(|(k, _)| keys::event_off(&k)).unwrap_or(0))
+        let last = last.and_then(|(k, _)| keys::event_off(&k)).unwrap_or(0);
+        Ok(last.max(self.floor()? - 1))
     }
 
     /// Appends records (consecutive offsets) and their index entries in one atomic batch.
@@ -284,6 +286,97 @@ impl Store {
             self.log.apply_batch(batch)?;
         }
         Ok(n)
+    }
+
+    /// The retention floor: the oldest offset the log serves (1 until retention moves it).
+    /// Events below it are gone or about to be deleted.
+    pub fn floor(&self) -> Result<u64, LogError> {
+        Ok(self
+            .log
+            .get(keys::FLOOR)?
+            .and_then(|v| keys::u64_value(&v))
+            .unwrap_or(1)
+            .max(1))
+    }
+
+    /// Records a new floor (not durable until [`Store::flush`]). Only the sequencer calls
+    /// this, so the floor it answers hellos with is the floor on disk.
+    pub fn set_floor(&self, floor: u64) -> Result<(), LogError> {
+        self.log.insert(keys::FLOOR, &floor.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    /// The oldest offset still physically present (`None` for an empty log).
+    pub fn first(&self) -> Result<Option<u64>, LogError> {
+        let first = self
+            .log
+            .range(keys::event(0)..=keys::event(u64::MAX))
+            .next()
+            .transpose()?;
+        Ok(first.and_then(|(k, _)| keys::event_off(&k)))
+    }
+
+    /// Deletes up to `max` of the oldest events below `floor`, each with its inbox,
+    /// conversation and dedupe entries, in one atomic batch (an event and its index entries
+    /// go together, as they came). Returns how many events were deleted and the encoded
+    /// bytes of their values.
+    pub fn delete_below(&self, floor: u64, max: usize) -> Result<(u64, u64), LogError> {
+        if floor <= 1 || max == 0 {
+            return Ok((0, 0));
+        }
+        let mut batch = sled::Batch::default();
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for item in self.log.range(keys::event(0)..keys::event(floor)).take(max) {
+            let (k, v) = item?;
+            let off = keys::event_off(&k).ok_or_else(|| LogError::Corrupt {
+                off: 0,
+                reason: "bad event key".into(),
+            })?;
+            // A record that no longer decodes still goes; its index entries cannot be
+            // found from it and stay (`log verify` reports them).
+            if let Ok(r) = decode_record(off, &v) {
+                for user in &r.to {
+                    batch.remove(keys::inbox(user, off));
+                }
+                if let Event::Message(m) = &r.event {
+                    batch.remove(keys::conv_seq(&m.conv, m.seq));
+                    if let Some(cid) = &m.cid {
+                        let key = keys::dedupe(&m.from, cid);
+                        // A later message may have taken the cid over; keep its entry.
+                        if self.dedupe(&m.from, cid)? == Some(off) {
+                            batch.remove(key);
+                        }
+                    }
+                }
+            }
+            batch.remove(&k);
+            n += 1;
+            bytes += v.len() as u64;
+        }
+        if n > 0 {
+            self.log.apply_batch(batch)?;
+        }
+        Ok((n, bytes))
+    }
+
+    /// Encoded bytes of the record at `off` plus its index keys (an estimate of what one
+    /// event costs in the store, before sled's own overhead); `None` when absent.
+    pub fn record_bytes(&self, off: u64) -> Result<Option<u64>, LogError> {
+        let Some(v) = self.log.get(keys::event(off))? else {
+            return Ok(None);
+        };
+        let r = decode_record(off, &v)?;
+        let mut n = 9 + v.len() as u64;
+        for user in &r.to {
+            n += 3 + user.len() as u64 + 8;
+        }
+        if let Event::Message(m) = &r.event {
+            n += 3 + m.conv.len() as u64 + 8 + 8;
+            if let Some(cid) = &m.cid {
+                n += 3 + m.from.len() as u64 + cid.len() as u64 + 8;
+            }
+        }
+        Ok(Some(n))
     }
 
     /// Bytes the store occupies on disk.

@@ -15,6 +15,8 @@ pub enum ErrorCode {
     Busy,
     RateLimited,
     TooLarge,
+    /// Asked for events retention has deleted (HTTP API only).
+    Expired,
     Unavailable,
     Internal,
 }
@@ -29,6 +31,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict | ErrorCode::Busy => 409,
             ErrorCode::TooLarge => 413,
+            ErrorCode::Expired => 410,
             ErrorCode::RateLimited => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
@@ -45,6 +48,7 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooLarge => "too_large",
+            ErrorCode::Expired => "expired",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }

@@ -101,7 +101,8 @@ impl Sequencer {
             },
             ApiCmd::Stats => ok(json!({
                 "head": self.committed_head,
-                "events": self.committed_head,
+                "floor": self.floor,
+                "events": (self.committed_head + 1).saturating_sub(self.floor),
                 "log_bytes": self.store.size_on_disk(),
                 "connections": self.registry.len(),
                 "users_online": self.registry.users(),

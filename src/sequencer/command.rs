@@ -104,6 +104,12 @@ pub enum Command {
     },
     /// Write a snapshot of State now (scheduled).
     Snapshot,
+    /// Retention: move the floor up to `floor` (never past the committed head + 1, never
+    /// down), durably, before anything below it is deleted. Answers the floor in force.
+    SetFloor {
+        floor: u64,
+        done: oneshot::Sender<Result<u64, crate::log::LogError>>,
+    },
     /// The scheduled sweep: end leftover sessions and presence entries.
     Sweep,
     /// Shutdown has begun: session ends no longer change presence.

@@ -47,6 +47,8 @@ pub use command::{ApiCmd, ApiReply, ApiResult, Command, HelloCmd};
 pub struct Shared {
     /// Offset of the newest durable, fanned-out record.
     pub head: watch::Sender<u64>,
+    /// The retention floor: the oldest offset served (set by the sequencer only).
+    pub floor: std::sync::atomic::AtomicU64,
     /// Sessions past hello.
     pub connections: AtomicUsize,
     pub started: Instant,
@@ -62,6 +64,7 @@ impl Shared {
     pub fn new(head: u64) -> Shared {
         Shared {
             head: watch::Sender::new(head),
+            floor: std::sync::atomic::AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             started: Instant::now(),
             push_queue: Default::default(),
@@ -71,6 +74,9 @@ impl Shared {
     }
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
+    }
+    pub fn floor(&self) -> u64 {
+        self.floor.load(Ordering::Relaxed)
     }
 }
 
@@ -299,6 +305,8 @@ pub struct Sequencer {
     /// New outbox jobs go to the push worker: (outbox key, due unix ms).
     push_tx: Option<mpsc::Sender<(Vec<u8>, u64)>>,
     last_ts: u64,
+    /// The retention floor (see [`Command::SetFloor`]).
+    floor: u64,
 }
 
 impl Sequencer {
@@ -312,6 +320,10 @@ impl Sequencer {
     ) -> Sequencer {
         let head = state.head;
         let last_ts = state.last_ts;
+        let floor = shared.floor();
+        // The newest snapshot on disk (none: the next snapshot command writes one).
+        let last_snapshot = crate::snapshot::range(&settings.snapshot_dir)
+            .map_or(0, |(_, newest)| newest.min(head));
         let mut s = Sequencer {
             settings,
             store,
@@ -331,10 +343,11 @@ impl Sequencer {
             effects: Vec::new(),
             pending_dedupe: HashMap::new(),
             pending_jobs: Vec::new(),
-            last_snapshot: head,
+            last_snapshot,
             snapshot_job: None,
             push_tx: None,
             last_ts,
+            floor,
         };
         s.arm_presence_after_restart();
         s.arm_calls_after_restart();
@@ -423,6 +436,10 @@ impl Sequencer {
                 reason,
             } => self.push_token_dead(&user, &device, provider, token, reason, None),
             Command::Snapshot => self.snapshot_now(),
+            Command::SetFloor { floor, done } => {
+                self.commit().await;
+                let _ = done.send(self.set_floor(floor).await);
+            }
             Command::Sweep => {
                 self.sweep();
             }
@@ -525,6 +542,23 @@ impl Sequencer {
                 let _ = j.await;
             }
         }
+    }
+
+    /// Moves the retention floor up to `floor` (clamped to `committed_head + 1`) and makes
+    /// it durable before answering, so nothing below it is deleted while a restart could
+    /// still offer it. Returns the floor in force.
+    async fn set_floor(&mut self, floor: u64) -> Result<u64, LogError> {
+        let floor = floor.min(self.committed_head + 1);
+        if floor <= self.floor {
+            return Ok(self.floor);
+        }
+        self.store.set_floor(floor)?;
+        self.store.flush().await?;
+        self.floor = floor;
+        self.shared.floor.store(floor, Ordering::Relaxed);
+        metrics::gauge!(m::RETENTION_FLOOR).set(floor as f64);
+        tracing::info!(floor, head = self.committed_head, "retention floor moved");
+        Ok(floor)
     }
 
     /// Hands a copy of State (committed: nothing is pending here) to a blocking thread

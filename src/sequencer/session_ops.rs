@@ -35,6 +35,8 @@ impl Sequencer {
         let (resumed, reset, reason, replay) = match since {
             None => (false, false, None, None),
             Some(s) if s > head => (false, true, Some("unknown_offset"), None),
+            // Events after `since` were compacted away (the floor is the oldest kept).
+            Some(s) if s.saturating_add(1) < self.floor => (false, true, Some("expired"), None),
             Some(s) => {
                 let cap = self.settings.max_replay_events;
                 match self

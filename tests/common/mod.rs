@@ -431,6 +431,11 @@ impl TestBroker {
         self
     }
 
+    /// The running broker (panics after [`TestBroker::shutdown`]).
+    pub fn broker(&self) -> &Broker {
+        self.broker.as_ref().expect("broker is running")
+    }
+
     /// Graceful shutdown (sessions closed with 4000, log flushed).
     pub async fn shutdown(&mut self) {
         if let Some(b) = self.broker.take() {
