@@ -80,9 +80,6 @@ pub struct StorageConfig {
     /// Most bytes the store may occupy on disk; appends beyond it are refused with
     /// `unavailable` (0: unlimited).
     pub max_bytes: u64,
-    /// Wait before reopening the store after an I/O error, ms (doubled per failed reopen,
-    /// up to 30 s).
-    pub reopen_backoff_ms: u64,
     /// What start-up checks before serving.
     pub check_on_start: CheckOnStart,
 }

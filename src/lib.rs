@@ -74,7 +74,6 @@ pub struct Reloaded {
 #[derive(PartialEq)]
 struct StorageKeys<'a> {
     dir: &'a std::path::Path,
-    reopen_backoff_ms: u64,
     check_on_start: config::CheckOnStart,
 }
 
@@ -82,7 +81,6 @@ impl StorageKeys<'_> {
     fn of(s: &config::StorageConfig) -> StorageKeys<'_> {
         StorageKeys {
             dir: &s.dir,
-            reopen_backoff_ms: s.reopen_backoff_ms,
             check_on_start: s.check_on_start,
         }
     }

@@ -22,8 +22,6 @@ pub const QUEUE_DROPS: &str = "switchboard_fanout_queue_drops_total";
 pub const APPEND_FAILURES: &str = "switchboard_append_failures_total";
 /// Batches refused because the store reached `storage.max_bytes` (counter).
 pub const LOG_FULL: &str = "switchboard_log_full_total";
-/// Times the store was reopened after an I/O error (counter).
-pub const STORE_REOPENS: &str = "switchboard_store_reopens_total";
 /// `send`s answered as duplicates of an earlier cid (counter).
 pub const DUPLICATES: &str = "switchboard_duplicate_sends_total";
 /// Frames received from clients, by result (counter, label `result`).
@@ -156,10 +154,6 @@ fn describe() {
         LOG_FULL,
         "batches refused (answered unavailable) because the store reached storage.max_bytes"
     );
-    describe_counter!(
-        STORE_REOPENS,
-        "times the store was reopened after an I/O error on append or flush"
-    );
     describe_counter!(DUPLICATES, "sends answered as duplicates of an earlier cid");
     describe_counter!(
         FRAMES_IN,
@@ -192,7 +186,6 @@ fn describe() {
     metrics::counter!(QUEUE_DROPS).absolute(0);
     metrics::counter!(APPEND_FAILURES).absolute(0);
     metrics::counter!(LOG_FULL).absolute(0);
-    metrics::counter!(STORE_REOPENS).absolute(0);
     metrics::counter!(DUPLICATES).absolute(0);
     metrics::gauge!(CONNECTIONS).set(0.0);
 }
