@@ -79,6 +79,21 @@ pub struct ServerConfig {
 pub struct StorageConfig {
     /// The sled directory of the event log.
     pub dir: PathBuf,
+    /// Most bytes the store may occupy on disk; appends beyond it are refused with
+    /// `unavailable` (0: unlimited).
+    pub max_bytes: u64,
+    /// What start-up checks before serving.
+    pub check_on_start: CheckOnStart,
+}
+
+/// How much of the log start-up checksums before serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckOnStart {
+    /// Every event: checksum, offset, contiguity (and a snapshot never ahead of the log).
+    All,
+    /// Only what the replay reads (the events after the snapshot loaded).
+    Tail,
 }
 
 /// When an acknowledged event reaches the disk.

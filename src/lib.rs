@@ -52,6 +52,8 @@ pub enum Error {
     Push(#[from] push::providers::PushConfigError),
     #[error("config key sync: {0}")]
     Sync(#[from] sync::SyncError),
+    #[error("refusing to serve a damaged log: {0} (`switchboard log verify` lists every fault)")]
+    Damaged(log::LogError),
     #[error("reload: {0}")]
     Reload(String),
     #[error("{what}: {source}")]
@@ -66,6 +68,22 @@ pub enum Error {
 pub struct Reloaded {
     pub applied: Vec<&'static str>,
     pub restart: Vec<String>,
+}
+
+/// The `storage` keys a reload cannot change (all but `max_bytes`).
+#[derive(PartialEq)]
+struct StorageKeys<'a> {
+    dir: &'a std::path::Path,
+    check_on_start: config::CheckOnStart,
+}
+
+impl StorageKeys<'_> {
+    fn of(s: &config::StorageConfig) -> StorageKeys<'_> {
+        StorageKeys {
+            dir: &s.dir,
+            check_on_start: s.check_on_start,
+        }
+    }
 }
 
 /// A running broker.
@@ -100,6 +118,31 @@ impl Broker {
             config.log.durability,
             config.log.flush_interval_ms,
         )?;
+        if config.storage.check_on_start == config::CheckOnStart::All {
+            let t0 = Instant::now();
+            let store = store.clone();
+            let dir = snapshot::dir_of(&config.storage.dir);
+            let durability = config.log.durability;
+            let checked = tokio::task::spawn_blocking(move || {
+                log::check::check_all(&store, &dir, durability)
+            })
+            .await
+            .map_err(|e| Error::Io {
+                what: "start-up check".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(|e| match e {
+                e @ log::LogError::Corrupt { .. } => Error::Damaged(e),
+                e => Error::Log(e),
+            })?;
+            tracing::info!(
+                events = checked.events,
+                first = checked.first,
+                head = checked.head,
+                ms = t0.elapsed().as_millis() as u64,
+                "every event checked (storage.check_on_start = all)"
+            );
+        }
         let t0 = Instant::now();
         let (state, loaded) = {
             let store = store.clone();
@@ -143,6 +186,10 @@ impl Broker {
             source,
         })?;
         let shared = Arc::new(Shared::new(state.head));
+        shared.max_bytes.store(
+            config.storage.max_bytes,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let floor = store.floor()?;
         shared
             .floor
@@ -258,11 +305,23 @@ impl Broker {
         if new.logging.level != old.logging.level {
             applied.push("logging.level");
         }
+        // Live: compared with the value in force (an earlier reload may have changed it).
+        let was = self
+            .gateway
+            .shared
+            .max_bytes
+            .swap(new.storage.max_bytes, std::sync::atomic::Ordering::Relaxed);
+        if was != new.storage.max_bytes {
+            applied.push("storage.max_bytes");
+        }
         let mut restart = Vec::new();
         let sections: [(&str, bool); 16] = [
             ("sync", new.sync != old.sync),
             ("server", new.server != old.server),
-            ("storage", new.storage != old.storage),
+            (
+                "storage",
+                StorageKeys::of(&new.storage) != StorageKeys::of(&old.storage),
+            ),
             ("log", new.log != old.log),
             ("auth", new.auth != old.auth),
             ("limits", new.limits != old.limits),

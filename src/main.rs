@@ -116,9 +116,11 @@ async fn serve(
     logs: Option<telemetry::LogControl>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let broker = Broker::start(config).await?;
+    // Before the broker serves: a SIGTERM or SIGHUP that arrives as soon as /health answers
+    // must drain or reload, not kill the process (the default action).
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let broker = Broker::start(config).await?;
     loop {
         tokio::select! {
             _ = term.recv() => {

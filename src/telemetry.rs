@@ -20,6 +20,8 @@ pub const FLUSH_SECONDS: &str = "switchboard_flush_seconds";
 pub const QUEUE_DROPS: &str = "switchboard_fanout_queue_drops_total";
 /// Batches whose append or flush failed (counter).
 pub const APPEND_FAILURES: &str = "switchboard_append_failures_total";
+/// Batches refused because the store reached `storage.max_bytes` (counter).
+pub const LOG_FULL: &str = "switchboard_log_full_total";
 /// `send`s answered as duplicates of an earlier cid (counter).
 pub const DUPLICATES: &str = "switchboard_duplicate_sends_total";
 /// Frames received from clients, by result (counter, label `result`).
@@ -148,6 +150,10 @@ fn describe() {
         APPEND_FAILURES,
         "batches whose append or flush failed (answered unavailable)"
     );
+    describe_counter!(
+        LOG_FULL,
+        "batches refused (answered unavailable) because the store reached storage.max_bytes"
+    );
     describe_counter!(DUPLICATES, "sends answered as duplicates of an earlier cid");
     describe_counter!(
         FRAMES_IN,
@@ -179,6 +185,7 @@ fn describe() {
     metrics::counter!(EVENTS_APPENDED).absolute(0);
     metrics::counter!(QUEUE_DROPS).absolute(0);
     metrics::counter!(APPEND_FAILURES).absolute(0);
+    metrics::counter!(LOG_FULL).absolute(0);
     metrics::counter!(DUPLICATES).absolute(0);
     metrics::gauge!(CONNECTIONS).set(0.0);
 }

@@ -1,6 +1,7 @@
 //! The event log: the one source of truth. `event` defines every durable event and its
 //! stored record; `store` keeps records and their indices in sled; `keys` encodes the keys.
 
+pub mod check;
 pub mod event;
 pub mod keys;
 pub mod store;

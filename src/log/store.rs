@@ -29,6 +29,8 @@ pub enum LogError {
     Corrupt { off: u64, reason: String },
     #[error("cannot encode event {off}: {reason}")]
     Encode { off: u64, reason: String },
+    #[error("the store is full: {size} bytes on disk, storage.max_bytes = {max}")]
+    Full { size: u64, max: u64 },
     #[error("data directory {dir} is in use by another broker (or unreadable): {reason}")]
     Locked { dir: String, reason: String },
 }

@@ -58,6 +58,8 @@ pub struct Shared {
     pub push_dead: std::sync::atomic::AtomicU64,
     /// State and checkpoint of each SQL sink (written by the sync workers).
     pub sync_status: crate::sync::Status,
+    /// `storage.max_bytes` (0: unlimited); a SIGHUP reload changes it live.
+    pub max_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -70,6 +72,7 @@ impl Shared {
             push_queue: Default::default(),
             push_dead: Default::default(),
             sync_status: Default::default(),
+            max_bytes: Default::default(),
         }
     }
     pub fn connections(&self) -> usize {
@@ -612,7 +615,10 @@ impl Sequencer {
                     self.send_answer(to, Err(err.clone()));
                 }
             }
-            match rebuild(&self.store) {
+            // From the newest snapshot and the tail (what a restart does; a full replay
+            // cannot start below a retention floor).
+            let dir = self.settings.snapshot_dir.clone();
+            match crate::snapshot::load(&self.store, &dir).map(|(state, _)| state) {
                 Ok(state) => {
                     self.state = state;
                     self.committed_head = self.state.head;
@@ -681,6 +687,14 @@ impl Sequencer {
         records: &[Record],
         jobs: &[crate::push::job::Job],
     ) -> Result<(), LogError> {
+        let max = self.shared.max_bytes.load(Ordering::Relaxed);
+        if max > 0 {
+            let size = self.store.size_on_disk();
+            if size >= max {
+                metrics::counter!(m::LOG_FULL).increment(1);
+                return Err(LogError::Full { size, max });
+            }
+        }
         let extra: Vec<(Vec<u8>, Vec<u8>)> = jobs.iter().map(|j| (j.key(), j.encode())).collect();
         self.store.append_with(records, &extra)?;
         if self.settings.durability == Durability::Flush {

@@ -1264,6 +1264,8 @@ pub struct ServerProcess {
     pub secret: String,
     pub api_key: String,
     pub extra_env: Vec<(String, String)>,
+    /// Arguments after `serve` (e.g. `--config FILE`).
+    pub serve_args: Vec<String>,
     child: Option<tokio::process::Child>,
     addr: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
@@ -1321,6 +1323,7 @@ impl ServerProcess {
             secret: random_hex(),
             api_key: random_hex(),
             extra_env: Vec::new(),
+            serve_args: Vec::new(),
             child: None,
             addr: None,
             log: Arc::new(Mutex::new(String::new())),
@@ -1392,8 +1395,10 @@ impl ServerProcess {
     pub async fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
         self.log.lock().unwrap().push_str("--- start\n");
+        let mut args = vec!["serve"];
+        args.extend(self.serve_args.iter().map(String::as_str));
         let mut child = self
-            .command(&["serve"], &[])
+            .command(&args, &[])
             .spawn()
             .expect("spawn switchboard serve");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SocketAddr>();
@@ -1480,6 +1485,15 @@ impl ServerProcess {
             .as_ref()
             .and_then(|c| c.id())
             .expect("running child")
+    }
+
+    /// Sends `signal` (a `kill` name such as `HUP`) to the running child.
+    pub fn signal(&self, signal: &str) {
+        let st = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -{signal} failed");
     }
 
     /// Sends SIGTERM (through `kill -TERM`).
