@@ -198,7 +198,11 @@ async fn one_slow_reader_among_a_thousand_fast_ones_is_closed_4008_and_resumes_w
     );
     let seen: Vec<u64> = messages(&slow.all(), Some(&conv)).iter().map(off).collect();
     assert!(seen.len() < acked.len(), "the sleeper got everything");
-    assert_eq!(seen, acked[..seen.len()], "gap or reorder before the 4008 close");
+    assert_eq!(
+        seen,
+        acked[..seen.len()],
+        "gap or reorder before the 4008 close"
+    );
     let since = seen.last().copied().unwrap_or(slow_head);
     let again = b.connect_since(&slow_user, "d", since).await;
     let mut all = seen.clone();

@@ -25,8 +25,8 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
-use super::rate::{RateLimiter, Verdict};
 use super::lazybuf::LazyBuf;
+use super::rate::{RateLimiter, Verdict};
 use super::Gateway;
 use crate::fanout::{Outbound, SessionCtl, SessionHandle, SessionId, SessionStart};
 use crate::protocol::frames::{parse_frame, ClientOp};
