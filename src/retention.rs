@@ -150,8 +150,7 @@ impl Retention {
             }
             if cfg.max_bytes > 0 {
                 let per_event = bytes_per_event(&store, floor, head)?;
-                if per_event > 0 {
-                    let keep = cfg.max_bytes / per_event;
+                if let Some(keep) = cfg.max_bytes.checked_div(per_event) {
                     let count = head + 1 - floor;
                     if count > keep {
                         want = want.max(head + 1 - keep);
