@@ -396,8 +396,14 @@ impl Config {
             ("sync.retry_cap_ms", self.sync.retry_cap_ms),
             ("server.max_body_bytes", self.server.max_body_bytes as u64),
             ("server.body_timeout_ms", self.server.body_timeout_ms),
-            ("limits.max_devices_per_user", self.limits.max_devices_per_user as u64),
-            ("limits.max_room_members", self.limits.max_room_members as u64),
+            (
+                "limits.max_devices_per_user",
+                self.limits.max_devices_per_user as u64,
+            ),
+            (
+                "limits.max_room_members",
+                self.limits.max_room_members as u64,
+            ),
         ];
         for (key, v) in positive {
             if v == 0 {

@@ -86,7 +86,12 @@ async fn with_an_rs256_key_hs256_tokens_are_refused_even_when_signed_with_the_pu
     assert_accepted(&b, &rs256(&claims), "a good RS256 token").await;
     // the classic confusion: the public key (known to all) used as an HMAC secret
     let pem = std::fs::read(&public).unwrap();
-    assert_refused(&b, &hs256_bytes(&pem, &claims), "HS256 keyed with the public key").await;
+    assert_refused(
+        &b,
+        &hs256_bytes(&pem, &claims),
+        "HS256 keyed with the public key",
+    )
+    .await;
     // and the broker's own HS256 secret no longer counts either
     assert_refused(&b, &mint(&b.secret, &claims), "HS256 with auth.jwt_secret").await;
     assert_refused(&b, &unsigned_token(&claims), "alg none").await;
@@ -149,7 +154,9 @@ async fn tokens_issued_before_a_disconnect_are_refused_afterwards_also_after_a_r
         &json!({"sub": alice, "iat": now_s() - 5, "exp": now_s() + 600}),
     );
     let no_iat = mint(&b.secret, &json!({"sub": alice, "exp": now_s() + 600}));
-    let a = hello_with(&b, &issued_before).await.expect("accepted before");
+    let a = hello_with(&b, &issued_before)
+        .await
+        .expect("accepted before");
     let bob_before = b.token(&bob);
 
     let r = b
@@ -228,7 +235,11 @@ async fn only_the_whole_api_key_opens_the_api() {
         key[..key.len() - 1].to_string(),
         format!("{key}x"),
         key.to_uppercase(),
-        format!("{}{}", &key[..key.len() - 1], if key.ends_with('0') { '1' } else { '0' }),
+        format!(
+            "{}{}",
+            &key[..key.len() - 1],
+            if key.ends_with('0') { '1' } else { '0' }
+        ),
         String::new(),
     ];
     for k in near_misses {

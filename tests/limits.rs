@@ -49,7 +49,11 @@ async fn frames_over_the_rate_get_rate_limited_and_are_not_applied_then_a_refill
     for f in &frames {
         a.send(f).await;
     }
-    let replies = [a.reply_to(101).await, a.reply_to(102).await, a.reply_to(103).await];
+    let replies = [
+        a.reply_to(101).await,
+        a.reply_to(102).await,
+        a.reply_to(103).await,
+    ];
     let ok = replies.iter().filter(|r| r["ok"] == json!(true)).count();
     let limited: Vec<&Value> = replies.iter().filter(|r| r["ok"] == json!(false)).collect();
     assert!(ok >= 2, "the burst of 2 was not allowed: {replies:?}");
@@ -79,9 +83,7 @@ async fn frames_over_the_rate_get_rate_limited_and_are_not_applied_then_a_refill
         .collect();
     acked.push("after".into());
     assert_eq!(cids(&bc, &conv), acked, "a rate-limited send was delivered");
-    let h = bc
-        .ok("history", json!({"conv": conv, "limit": 50}))
-        .await;
+    let h = bc.ok("history", json!({"conv": conv, "limit": 50})).await;
     let stored: Vec<&str> = h["messages"]
         .as_array()
         .unwrap()
@@ -89,7 +91,11 @@ async fn frames_over_the_rate_get_rate_limited_and_are_not_applied_then_a_refill
         .map(|m| m["cid"].as_str().unwrap())
         .collect();
     assert_eq!(stored, acked, "a rate-limited send was stored");
-    assert_eq!(seq(&ack), acked.len() as u64, "seq counts only applied sends");
+    assert_eq!(
+        seq(&ack),
+        acked.len() as u64,
+        "seq counts only applied sends"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -258,7 +264,10 @@ async fn rooms_hold_at_most_max_room_members() {
     let mut three: Vec<&str> = users[..3].iter().map(String::as_str).collect();
     three.push(users[0].as_str());
     let r = api
-        .post("/v1/rooms", json!({"id": room, "name": "x", "members": three}))
+        .post(
+            "/v1/rooms",
+            json!({"id": room, "name": "x", "members": three}),
+        )
         .await;
     assert_eq!(r.status, 201, "{}", r.text);
     // a fourth: 409, the room unchanged
@@ -314,7 +323,9 @@ async fn a_request_head_slower_than_header_timeout_is_cut_off() {
     let b = TestBroker::start_with(|c| c.server.header_timeout_ms = 400).await;
     // in time, though with a pause inside the head: answered
     let mut s = TcpStream::connect(b.addr).await.unwrap();
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     s.write_all(b"Connection: close\r\n\r\n").await.unwrap();
     let answer = read_to_eof(&mut s, TIMEOUT).await.expect("an answer");
@@ -322,7 +333,9 @@ async fn a_request_head_slower_than_header_timeout_is_cut_off() {
 
     // a head that never ends: the connection is closed without serving it
     let mut s = TcpStream::connect(b.addr).await.unwrap();
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let answer = read_to_eof(&mut s, TIMEOUT)
         .await
         .expect("the connection is still open long after header_timeout_ms");
@@ -376,7 +389,11 @@ async fn a_request_body_slower_than_body_timeout_gets_408_and_the_connection_end
     let room: Value = serde_json::from_str(&body).unwrap();
     let r = b
         .http()
-        .put(&format!("/v1/rooms/{}/members/{}", room["id"].as_str().unwrap(), uid("m")))
+        .put(&format!(
+            "/v1/rooms/{}/members/{}",
+            room["id"].as_str().unwrap(),
+            uid("m")
+        ))
         .await;
     r.assert_error(404, "not_found");
 }

@@ -119,7 +119,9 @@ async fn dispatch(req: Request<Incoming>, gw: &Arc<Gateway>) -> Result<Response<
             let b: Option<DisconnectBody> = read_optional_json(req, max_body).await?;
             let reason = b.and_then(|b| b.reason);
             if reason.as_ref().is_some_and(|r| r.chars().count() > 256) {
-                return Err(ProtoError::bad_request("`reason` is at most 256 characters"));
+                return Err(ProtoError::bad_request(
+                    "`reason` is at most 256 characters",
+                ));
             }
             call(
                 gw,
@@ -349,7 +351,10 @@ async fn read_bytes(req: Request<Incoming>, limit: BodyLimit) -> Result<Bytes, P
         {
             Ok(r) => r,
             Err(_) => {
-                tracing::debug!(timeout_ms = limit.timeout.as_millis() as u64, "request body timed out");
+                tracing::debug!(
+                    timeout_ms = limit.timeout.as_millis() as u64,
+                    "request body timed out"
+                );
                 return Err(ProtoError::new(
                     crate::protocol::ErrorCode::Timeout,
                     format!(

@@ -1354,7 +1354,10 @@ impl ServerProcess {
                 "text".to_string(),
             ),
             // as in test_config: the rate limit is the subject of tests/limits.rs only
-            ("SWITCHBOARD_LIMITS__RATE_PER_S".to_string(), "0".to_string()),
+            (
+                "SWITCHBOARD_LIMITS__RATE_PER_S".to_string(),
+                "0".to_string(),
+            ),
         ];
         env.extend(self.extra_env.iter().cloned());
         env
