@@ -29,6 +29,8 @@ const FAST: usize = 1000;
 const DEVICES: usize = 10;
 const ROUND: usize = 20;
 const MAX_MESSAGES: usize = 3000;
+/// Direct messages of 15 KB to the sleeper per round.
+const DM_PER_ROUND: usize = 30;
 /// How long fast readers may take to catch up with one round on a loaded machine.
 const CATCH_UP: Duration = Duration::from_secs(60);
 
@@ -98,7 +100,7 @@ async fn fast_reader(b: &TestBroker, user: &str, device: String, conv: String) -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "not yet seen to finish within 5 minutes in a debug build on 2 shared cores; run with --ignored"]
+#[ignore = "unfinished: on a 2-core debug run a 15 KB send to the sleeper went unanswered for 5 s after 160 room messages; see docs/RELIABILITY.md"]
 async fn one_slow_reader_among_a_thousand_fast_ones_is_closed_4008_and_resumes_without_loss() {
     let b = TestBroker::start_with(|c| {
         c.limits.outbound_queue = 128;
@@ -145,6 +147,8 @@ async fn one_slow_reader_among_a_thousand_fast_ones_is_closed_4008_and_resumes_w
 
     // rounds of messages; after each, every fast reader has all of them
     let mut acked: Vec<u64> = Vec::new();
+    let mut dm_acked: Vec<u64> = Vec::new();
+    let dm_conv = dm(&sender_user, &slow_user);
     let mut rounds_after_close = 0;
     while rounds_after_close < 2 {
         assert!(
@@ -158,6 +162,15 @@ async fn one_slow_reader_among_a_thousand_fast_ones_is_closed_4008_and_resumes_w
         for a in sender.pipeline(frames, ROUND).await {
             assert_eq!(a["ok"], json!(true), "a send failed: {a}");
             acked.push(off(&a));
+        }
+        // plus large direct messages to the sleeper only: the kernel's socket buffers (up to
+        // 4 MB) fill with those, not with a million room frames to the fast readers
+        let dms: Vec<Value> = (0..DM_PER_ROUND)
+            .map(|i| json!({"op": "send", "to": slow_user, "body": {"pad": "p".repeat(15_000)}, "cid": format!("dm{}-{i}", base)}))
+            .collect();
+        for a in sender.pipeline(dms, DM_PER_ROUND).await {
+            assert_eq!(a["ok"], json!(true), "a direct send failed: {a}");
+            dm_acked.push(off(&a));
         }
         let deadline = Instant::now() + CATCH_UP;
         for (i, s) in fast.iter().enumerate() {
@@ -203,9 +216,25 @@ async fn one_slow_reader_among_a_thousand_fast_ones_is_closed_4008_and_resumes_w
         acked[..seen.len()],
         "gap or reorder before the 4008 close"
     );
-    let since = seen.last().copied().unwrap_or(slow_head);
+    // the last offset the sleeper processed, over both conversations
+    let since = slow
+        .all()
+        .iter()
+        .filter(|f| f["ev"] == "message")
+        .map(off)
+        .max()
+        .unwrap_or(slow_head);
     let again = b.connect_since(&slow_user, "d", since).await;
     let mut all = seen.clone();
     all.extend(messages(&again.replay, Some(&conv)).iter().map(off));
-    assert_eq!(all, acked, "seen + replay is not every message once");
+    assert_eq!(all, acked, "seen + replay is not every room message once");
+    let mut dms: Vec<u64> = messages(&slow.all(), Some(&dm_conv))
+        .iter()
+        .map(off)
+        .collect();
+    dms.extend(messages(&again.replay, Some(&dm_conv)).iter().map(off));
+    assert_eq!(
+        dms, dm_acked,
+        "seen + replay is not every direct message once"
+    );
 }
