@@ -145,20 +145,18 @@ async fn consecutive_rate_limited_frames_close_the_session_4009_and_a_new_one_ma
         .iter()
         .map(|m| m["body"].as_u64().unwrap())
         .collect();
+    // The refusals are consecutive frames right after the burst (5, plus any refill).
+    let first = limited[0];
+    assert!((6..=8).contains(&first), "refusals: {limited:?}");
+    assert_eq!(limited, (first..first + 3).collect::<Vec<_>>());
+    // What was applied is a prefix of the accepted sends and none of the refused ones.
+    // Accepted sends still queued for the sequencer when the session closed may be
+    // dropped with it (never acked, so a client resends them with the same cid).
     assert!(
-        (5..=7).contains(&stored.len()),
-        "burst of 5 (plus refills): {stored:?}"
+        !stored.is_empty() && stored.len() < first as usize,
+        "burst of 5 (plus refills): {stored:?}, refusals from {first}"
     );
     assert_eq!(stored, (1..=stored.len() as u64).collect::<Vec<_>>());
-    assert!(
-        limited.iter().all(|id| !stored.contains(id)),
-        "a refused send was stored: {limited:?} {stored:?}"
-    );
-    assert_eq!(
-        limited,
-        (stored.len() as u64 + 1..=stored.len() as u64 + 3).collect::<Vec<_>>(),
-        "the refusals are the frames right after the burst"
-    );
     // the close is per session: alice may come back at once with a fresh bucket
     let again = b.connect(&alice, "a1").await;
     again

@@ -65,6 +65,8 @@ pub fn check_all(
             ),
         });
     }
+    // Retention may have deleted every event: the head is then the one below the floor.
+    c.head = c.head.max(floor - 1);
     if durability == Durability::Flush {
         if let Some((snap, path)) = newest_snapshot(snapshot_dir) {
             if snap > c.head {
