@@ -30,57 +30,34 @@ impl Scheduler {
         retention: Option<mpsc::Sender<()>>,
     ) -> Result<Scheduler, SchedulerError> {
         let inner = JobScheduler::new().await?;
-        let snapshot_commands = commands.clone();
-        let cron = config.presence.sweep_cron.clone();
-        let sweep = Job::new_async(cron.as_str(), move |_, _| {
-            let commands = commands.clone();
-            Box::pin(async move {
-                // A full queue means the broker is busy; the next tick sweeps instead.
-                if commands.try_send(Command::Sweep).is_err() {
-                    tracing::debug!("sweep skipped: sequencer queue full");
-                }
-            })
-        })
-        .map_err(|e| SchedulerError::Schedule {
-            key: "presence.sweep_cron",
-            reason: format!(
-                "`{cron}` is not a cron schedule (sec min hour day month weekday): {e}"
-            ),
-        })?;
-        inner.add(sweep).await?;
+        let sweep_cron = &config.presence.sweep_cron;
+        inner
+            .add(tick_job(
+                "presence.sweep_cron",
+                sweep_cron,
+                commands.clone(),
+                || Command::Sweep,
+            )?)
+            .await?;
         if !config.snapshot.cron.is_empty() {
-            let cron = config.snapshot.cron.clone();
-            let commands = snapshot_commands;
-            let job = Job::new_async(cron.as_str(), move |_, _| {
-                let commands = commands.clone();
-                Box::pin(async move {
-                    let _ = commands.try_send(Command::Snapshot);
-                })
-            })
-            .map_err(|e| SchedulerError::Schedule {
-                key: "snapshot.cron",
-                reason: format!(
-                    "`{cron}` is not a cron schedule (sec min hour day month weekday): {e}"
-                ),
-            })?;
-            inner.add(job).await?;
+            inner
+                .add(tick_job(
+                    "snapshot.cron",
+                    &config.snapshot.cron,
+                    commands,
+                    || Command::Snapshot,
+                )?)
+                .await?;
         }
         if let Some(tx) = retention {
-            let cron = config.retention.cron.clone();
-            let job = Job::new_async(cron.as_str(), move |_, _| {
-                let tx = tx.clone();
-                Box::pin(async move {
-                    // A run still going: this tick is skipped.
-                    let _ = tx.try_send(());
-                })
-            })
-            .map_err(|e| SchedulerError::Schedule {
-                key: "retention.cron",
-                reason: format!(
-                    "`{cron}` is not a cron schedule (sec min hour day month weekday): {e}"
-                ),
-            })?;
-            inner.add(job).await?;
+            inner
+                .add(tick_job(
+                    "retention.cron",
+                    &config.retention.cron,
+                    tx,
+                    || (),
+                )?)
+                .await?;
         }
         inner.start().await?;
         Ok(Scheduler { inner })
@@ -89,6 +66,59 @@ impl Scheduler {
     pub async fn stop(mut self) {
         if let Err(e) = self.inner.shutdown().await {
             tracing::warn!(error = %e, "scheduler shutdown failed");
+        }
+    }
+}
+
+/// A job that, on each tick of `cron` (the value of config key `key`), puts `make()` on
+/// `tx`. A full queue means the receiver is busy (or still running the last tick): this tick
+/// is skipped and the next one does the work.
+fn tick_job<T: Send + 'static>(
+    key: &'static str,
+    cron: &str,
+    tx: mpsc::Sender<T>,
+    make: fn() -> T,
+) -> Result<Job, SchedulerError> {
+    Job::new_async(cron, move |_, _| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            if tx.try_send(make()).is_err() {
+                tracing::debug!(job = key, "tick skipped: queue full");
+            }
+        })
+    })
+    .map_err(|e| SchedulerError::Schedule {
+        key,
+        reason: format!("`{cron}` is not a cron schedule (sec min hour day month weekday): {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bad_schedule_is_refused_naming_its_key() {
+        for key in ["presence.sweep_cron", "snapshot.cron", "retention.cron"] {
+            let mut cfg = Config::embedded();
+            match key {
+                "presence.sweep_cron" => cfg.presence.sweep_cron = "every minute".into(),
+                "snapshot.cron" => cfg.snapshot.cron = "every minute".into(),
+                _ => cfg.retention.cron = "every minute".into(),
+            }
+            let (tx, _rx) = mpsc::channel(1);
+            let (rtx, _rrx) = mpsc::channel(1);
+            match Scheduler::start(&cfg, tx, Some(rtx)).await {
+                Err(SchedulerError::Schedule { key: k, reason }) => {
+                    assert_eq!(k, key);
+                    assert!(reason.contains("every minute"), "{reason}");
+                }
+                Err(e) => panic!("{key}: unexpected error {e}"),
+                Ok(s) => {
+                    s.stop().await;
+                    panic!("{key}: a bad schedule was accepted");
+                }
+            }
         }
     }
 }

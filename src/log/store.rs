@@ -308,16 +308,6 @@ impl Store {
         Ok(())
     }
 
-    /// The oldest offset still physically present (`None` for an empty log).
-    pub fn first(&self) -> Result<Option<u64>, LogError> {
-        let first = self
-            .log
-            .range(keys::event(0)..=keys::event(u64::MAX))
-            .next()
-            .transpose()?;
-        Ok(first.and_then(|(k, _)| keys::event_off(&k)))
-    }
-
     /// Deletes up to `max` of the oldest events below `floor`, each with its inbox,
     /// conversation and dedupe entries, in one atomic batch (an event and its index entries
     /// go together, as they came). Returns how many events were deleted and the encoded
@@ -368,17 +358,18 @@ impl Store {
             return Ok(None);
         };
         let r = decode_record(off, &v)?;
-        let mut n = 9 + v.len() as u64;
+        // The same keys and values `append_with` writes, sized by the functions that build them.
+        let mut n = keys::event(off).len() + v.len();
         for user in &r.to {
-            n += 3 + user.len() as u64 + 8;
+            n += keys::inbox(user, off).len();
         }
         if let Event::Message(m) = &r.event {
-            n += 3 + m.conv.len() as u64 + 8 + 8;
+            n += keys::conv_seq(&m.conv, m.seq).len() + 8;
             if let Some(cid) = &m.cid {
-                n += 3 + m.from.len() as u64 + cid.len() as u64 + 8;
+                n += keys::dedupe(&m.from, cid).len() + 8;
             }
         }
-        Ok(Some(n))
+        Ok(Some(n as u64))
     }
 
     /// Bytes the store occupies on disk.
