@@ -195,6 +195,38 @@ async fn tokens_issued_before_a_disconnect_are_refused_afterwards_also_after_a_r
     assert_accepted(&b, &b.token(&alice), "a new token after a restart").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_with_a_token_issued_before_a_disconnect_is_refused() {
+    let b = TestBroker::start().await;
+    let alice = uid("alice");
+    let issued_before = mint(
+        &b.secret,
+        &json!({"sub": alice, "iat": now_s() - 5, "exp": now_s() + 600}),
+    );
+    let r = b
+        .http()
+        .post(&format!("/v1/users/{alice}/disconnect"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // A session opened after the disconnect, with a new token, tries to extend itself
+    // with the revoked one.
+    let a = hello_with(&b, &b.token(&alice))
+        .await
+        .expect("a new token is accepted");
+    let reply = a
+        .err("refresh", json!({"token": issued_before}), "unauthorized")
+        .await;
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("disconnected")),
+        "{reply}"
+    );
+    // A current token still refreshes, and the session stays open.
+    let ok = a.ok("refresh", json!({"token": b.token(&alice)})).await;
+    assert!(ok["exp"].as_u64().is_some(), "{ok}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // membership
 

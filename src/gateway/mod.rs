@@ -2,10 +2,11 @@
 //! `/ws` and the HTTP API everywhere else.
 
 pub mod auth;
-pub mod lazybuf;
+pub mod conn;
 pub mod rate;
 pub mod session;
 pub mod tls;
+pub mod wire;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -199,7 +200,7 @@ fn upgrade(mut req: Request<Incoming>, gw: Arc<Gateway>) -> Response<Body> {
     let gw2 = gw.clone();
     gw.tracker.spawn(async move {
         match fut.await {
-            Ok(ws) => session::run(ws, gw2, codec, bearer, id).await,
+            Ok(ws) => session::run(ws.into_inner(), gw2, codec, bearer, id).await,
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });

@@ -1,32 +1,34 @@
-//! One WebSocket session: a reader task (frames -> commands) and a writer task (outbound
-//! queue -> socket), sharing a [`SessionCtl`].
+//! One WebSocket session, in one task: client messages -> commands for the sequencer; the
+//! outbound queue -> the socket; heartbeats, the hello timeout and token expiry.
 //!
 //! Invariants:
-//! - `read_frame` is never raced in `select!` (it is not cancel-safe): the reader only
-//!   reads, and is dropped as a whole when the session ends;
+//! - one task owns the socket ([`Conn`]); its only blocking point is the `select!` over the
+//!   socket (cancel-safe [`Conn::poll_io`]), the outbound queue, the close request, shutdown
+//!   and one timer, so a socket that will not take our bytes never stops us reading, and a
+//!   client that does not read never stops the sequencer (its queue fills: 4008);
+//! - at most [`HIGH_WATER`] bytes wait in the write buffer: above it the session takes
+//!   nothing more from its queue, so a slow reader's backlog stays in the bounded queue;
 //! - a whole message, fragments added up, is capped at `limits.max_frame_bytes` (1009);
-//! - the writer buffers frames and flushes when its queue is drained, so a burst costs one
-//!   syscall, not one per frame; the buffer is freed once flushed ([`LazyBuf`]), so an idle
-//!   session holds none;
-//! - replies and events reach the writer only through the bounded queue, in the order the
-//!   sequencer produced them; the replay is written between the hello reply and `sync`.
+//! - replies and events reach the socket only through the bounded queue, in the order the
+//!   sequencer produced them; the replay is written between the hello reply and `sync`, in
+//!   slices that respect the high-water mark, before anything queued after the hello;
+//! - the offset of the newest event the socket has taken is recorded in
+//!   [`SessionCtl::written_off`] when the session ends: what lies above it is owed a push.
 
+use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{
-    Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite,
-};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
-use super::lazybuf::LazyBuf;
+use super::conn::{Conn, Message, ReadError};
 use super::rate::{RateLimiter, Verdict};
+use super::wire::OpCode;
 use super::Gateway;
 use crate::fanout::{Outbound, SessionCtl, SessionHandle, SessionId, SessionStart};
 use crate::protocol::frames::{parse_frame, ClientOp};
@@ -34,207 +36,365 @@ use crate::protocol::{CloseCode, Codec, ErrorCode, ProtoError};
 use crate::sequencer::{encode_reply, now_ms, Command, HelloCmd};
 use crate::telemetry as m;
 
-type Io = TokioIo<Upgraded>;
-type Reader = WebSocketRead<ReadHalf<Io>>;
-type Writer = WebSocketWrite<LazyBuf<WriteHalf<Io>>>;
+pub type Io = TokioIo<Upgraded>;
 
-/// Frames the writer sends before flushing, at most.
+/// Most bytes waiting in a session's write buffer before it stops taking from its queue.
+pub const HIGH_WATER: usize = 64 * 1024;
+
+/// Queue items taken per turn of the loop (then the socket gets one write).
 const WRITE_BATCH: usize = 256;
 
+/// Events read from the log per slice of a replay.
+const REPLAY_SLICE: usize = 256;
+
+/// How long a close we started waits for the client's close frame once ours is written.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
 /// Runs a session to its end.
-pub async fn run(
-    ws: WebSocket<Io>,
-    gw: Arc<Gateway>,
-    codec: Codec,
-    bearer: Option<String>,
-    id: SessionId,
-) {
-    let mut ws = ws;
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    ws.set_max_message_size(gw.config.limits.max_frame_bytes);
-    let (reader, writer) = ws.split(|io| {
-        let (r, w) = tokio::io::split(io);
-        (r, LazyBuf::new(w, 16 * 1024))
-    });
+pub async fn run(io: Io, gw: Arc<Gateway>, codec: Codec, bearer: Option<String>, id: SessionId) {
     let (tx, rx) = mpsc::channel(gw.config.limits.outbound_queue);
     let ctl = Arc::new(SessionCtl::default());
     ctl.last_heard_ms.store(now_ms(), Ordering::Relaxed);
-
-    let writer_task = tokio::spawn(write_loop(writer, rx, ctl.clone(), gw.clone(), codec));
-    let mut reader_task = tokio::spawn(read_loop(
-        reader,
-        tx,
-        ctl.clone(),
-        gw.clone(),
-        codec,
-        bearer,
-        id,
-    ));
-
-    // The reader ends first when the client goes away; the writer ends first when the
-    // server closes. Either way the other gets a bounded time to finish.
-    let mut writer_task = writer_task;
-    tokio::select! {
-        _ = &mut reader_task => {
-            ctl.close(1000);
-            if tokio::time::timeout(Duration::from_secs(2), &mut writer_task).await.is_err() {
-                writer_task.abort();
-            }
-        }
-        _ = &mut writer_task => {
-            if tokio::time::timeout(Duration::from_secs(2), &mut reader_task).await.is_err() {
-                reader_task.abort();
-            }
-        }
-    }
-    let _ = gw.commands.send(Command::Goodbye { session: id }).await;
-}
-
-/// Reads frames, turns them into commands. Returns when the socket ends or must close.
-async fn read_loop(
-    mut reader: Reader,
-    tx: mpsc::Sender<Outbound>,
-    ctl: Arc<SessionCtl>,
-    gw: Arc<Gateway>,
-    codec: Codec,
-    bearer: Option<String>,
-    id: SessionId,
-) {
-    let max = gw.config.limits.max_frame_bytes;
-    let hello_deadline = Instant::now() + Duration::from_millis(gw.config.limits.hello_timeout_ms);
-    let mut session: Option<(String, String)> = None; // (user, device) once hello succeeded
-    let mut partial: Option<(OpCode, Vec<u8>)> = None;
-    let mut send_nothing = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
     let lim = &gw.config.limits;
-    let mut limiter = RateLimiter::new(
+    let limiter = RateLimiter::new(
         lim.rate_per_s,
         lim.rate_burst,
         lim.rate_strikes,
         std::time::Instant::now(),
     );
-    loop {
-        let next = if session.is_none() {
-            // Before hello the read is bounded by the hello timeout; on timeout the
-            // session ends, so dropping the half-read frame is harmless.
-            match tokio::time::timeout_at(hello_deadline, reader.read_frame(&mut send_nothing))
-                .await
-            {
-                Ok(r) => r,
-                Err(_) => {
-                    ctl.close_with(CloseCode::HelloTimeout);
-                    return;
+    let mut s = Session {
+        conn: Conn::new(io, lim.max_frame_bytes),
+        gw: gw.clone(),
+        codec,
+        id,
+        tx,
+        rx,
+        ctl,
+        bearer,
+        user: None,
+        limiter,
+        replay: None,
+        queued_off: 0,
+        written_off: 0,
+    };
+    s.run().await;
+    if s.written_off > 0 {
+        s.ctl
+            .written_off
+            .fetch_max(s.written_off, Ordering::Relaxed);
+    }
+    drop(s);
+    let _ = gw.commands.send(Command::Goodbye { session: id }).await;
+}
+
+/// What a turn of the session loop woke for.
+enum Wake {
+    Read(Result<Message, ReadError>),
+    Drained,
+    Queue(Option<Outbound>),
+    Timer,
+    CloseRequested,
+    Shutdown,
+}
+
+/// How the session ends.
+enum End {
+    /// Send a close frame with this code, then wait for the client's.
+    Close(u16),
+    /// The client sent its close: answer with this code.
+    Answer(u16),
+    /// The socket is gone.
+    Gone,
+}
+
+/// A replay in progress: `(after, head]` of the user's inbox, then `sync` and the snapshot.
+struct Replay {
+    user: String,
+    device: String,
+    after: u64,
+    head: u64,
+    sync: Bytes,
+    snapshot: Bytes,
+}
+
+struct Session {
+    conn: Conn<Io>,
+    gw: Arc<Gateway>,
+    codec: Codec,
+    id: SessionId,
+    /// The session's own end of its queue: replies made here go behind what is queued.
+    tx: mpsc::Sender<Outbound>,
+    rx: mpsc::Receiver<Outbound>,
+    ctl: Arc<SessionCtl>,
+    bearer: Option<String>,
+    /// The user, once hello succeeded.
+    user: Option<String>,
+    limiter: RateLimiter,
+    replay: Option<Box<Replay>>,
+    /// The newest offset in the write buffer.
+    queued_off: u64,
+    /// The newest offset the socket has taken.
+    written_off: u64,
+}
+
+impl Session {
+    async fn run(&mut self) {
+        let ping_every = Duration::from_millis(self.gw.config.heartbeat.interval_ms);
+        let hb_timeout_ms = self.gw.config.heartbeat.timeout_ms;
+        let hello_deadline =
+            Instant::now() + Duration::from_millis(self.gw.config.limits.hello_timeout_ms);
+        let mut next_ping = Instant::now() + ping_every;
+        let timer = sleep_until(hello_deadline.min(next_ping));
+        tokio::pin!(timer);
+        let end = loop {
+            if let Err(()) = self.fill_replay() {
+                break End::Gone;
+            }
+            let deadline = self.deadline(hello_deadline, next_ping);
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            let room = self.replay.is_none() && self.conn.backlog() < HIGH_WATER;
+            // Asleep on a full buffer: wake when the socket has taken it.
+            let want_drain = !room && self.conn.backlog() > 0;
+            let wake = tokio::select! {
+                biased;
+                _ = self.ctl.closed() => Wake::CloseRequested,
+                _ = self.gw.shutdown.cancelled() => Wake::Shutdown,
+                r = poll_fn(|cx| self.conn.poll_io(cx, want_drain)) => match r {
+                    Ok(Some(msg)) => Wake::Read(Ok(msg)),
+                    Ok(None) => Wake::Drained,
+                    Err(e) => Wake::Read(Err(e)),
+                },
+                item = self.rx.recv(), if room => Wake::Queue(item),
+                _ = &mut timer => Wake::Timer,
+            };
+            if self.conn.backlog() == 0 {
+                self.written_off = self.queued_off;
+            }
+            match wake {
+                Wake::CloseRequested => break End::Close(self.ctl.close_code()),
+                Wake::Shutdown => break End::Close(CloseCode::ShuttingDown.code()),
+                Wake::Drained => {}
+                Wake::Queue(None) => break End::Close(1000),
+                Wake::Queue(Some(item)) => {
+                    self.write_item(item);
+                    for _ in 1..WRITE_BATCH {
+                        if self.replay.is_some() || self.conn.backlog() >= HIGH_WATER {
+                            break;
+                        }
+                        match self.rx.try_recv() {
+                            Ok(item) => self.write_item(item),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Wake::Read(Ok(msg)) => {
+                    self.ctl.last_heard_ms.store(now_ms(), Ordering::Relaxed);
+                    match msg {
+                        Message::Ping(p) => self.conn.queue(OpCode::Pong, &p),
+                        Message::Pong => {}
+                        Message::Close(code) => break End::Answer(code.map_or(1000, echo_code)),
+                        Message::Text(data) => {
+                            if let Some(end) = self.data(false, data).await {
+                                break end;
+                            }
+                        }
+                        Message::Binary(data) => {
+                            if let Some(end) = self.data(true, data).await {
+                                break end;
+                            }
+                        }
+                    }
+                }
+                Wake::Read(Err(ReadError::Violation { code, why })) => {
+                    tracing::debug!(session = self.id, code, why, "websocket violation");
+                    if code == 1007 {
+                        metrics::counter!(m::FRAMES_IN, "result" => "undecodable").increment(1);
+                    }
+                    break End::Close(code);
+                }
+                Wake::Read(Err(e)) => {
+                    tracing::debug!(session = self.id, error = %e, "read ended");
+                    break End::Gone;
+                }
+                Wake::Timer => {
+                    let now = Instant::now();
+                    if self.user.is_none() && now >= hello_deadline {
+                        break End::Close(CloseCode::HelloTimeout.code());
+                    }
+                    if self.token_expired() {
+                        break End::Close(CloseCode::Unauthorized.code());
+                    }
+                    if now >= next_ping {
+                        let heard = self.ctl.last_heard_ms.load(Ordering::Relaxed);
+                        if now_ms().saturating_sub(heard) > hb_timeout_ms {
+                            break End::Close(CloseCode::GoingAway.code());
+                        }
+                        self.conn.queue(OpCode::Ping, b"hb");
+                        next_ping = now + ping_every;
+                    }
                 }
             }
-        } else {
-            reader.read_frame(&mut send_nothing).await
         };
-        let frame = match next {
-            Ok(f) => f,
-            Err(WebSocketError::FrameTooLarge) => {
-                ctl.close_with(CloseCode::TooBig);
-                return;
-            }
-            Err(WebSocketError::InvalidUTF8) => {
-                ctl.close_with(CloseCode::InvalidPayload);
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(session = id, error = %e, "read ended");
-                return;
-            }
-        };
-        ctl.last_heard_ms.store(now_ms(), Ordering::Relaxed);
-        let (opcode, data) = match frame.opcode {
-            OpCode::Close => {
-                let code = match frame.payload.len() {
-                    0 => 1000,
-                    1 => 1002,
-                    _ => u16::from_be_bytes([frame.payload[0], frame.payload[1]]),
-                };
-                ctl.close(echo_code(code));
-                return;
-            }
-            OpCode::Ping => {
-                let _ = tx.try_send(Outbound::Pong(Bytes::copy_from_slice(&frame.payload)));
-                continue;
-            }
-            OpCode::Pong => continue,
-            OpCode::Text | OpCode::Binary if frame.fin => {
-                if partial.is_some() {
-                    ctl.close(1002);
-                    return;
-                }
-                (frame.opcode, frame.payload.to_vec())
-            }
-            OpCode::Text | OpCode::Binary => {
-                if partial.is_some() {
-                    ctl.close(1002);
-                    return;
-                }
-                partial = Some((frame.opcode, frame.payload.to_vec()));
-                continue;
-            }
-            OpCode::Continuation => {
-                let Some((op, mut buf)) = partial.take() else {
-                    ctl.close(1002);
-                    return;
-                };
-                if buf.len() + frame.payload.len() > max {
-                    ctl.close_with(CloseCode::TooBig);
-                    return;
-                }
-                buf.extend_from_slice(&frame.payload);
-                if !frame.fin {
-                    partial = Some((op, buf));
-                    continue;
-                }
-                (op, buf)
-            }
-        };
-        if (opcode == OpCode::Binary) != codec.is_binary() {
-            ctl.close_with(CloseCode::UnsupportedData);
-            return;
+        self.close(end).await;
+    }
+
+    /// The next time the timer must fire: hello timeout, ping, token expiry.
+    fn deadline(&self, hello_deadline: Instant, next_ping: Instant) -> Instant {
+        let mut d = next_ping;
+        if self.user.is_none() {
+            d = d.min(hello_deadline);
         }
-        let value = match codec.decode(&data) {
+        let exp = self.ctl.token_exp.load(Ordering::Relaxed);
+        if exp != 0 {
+            let left = exp.saturating_mul(1000).saturating_sub(now_ms());
+            if let Some(at) = Instant::now().checked_add(Duration::from_millis(left)) {
+                d = d.min(at);
+            }
+        }
+        d
+    }
+
+    fn token_expired(&self) -> bool {
+        let exp = self.ctl.token_exp.load(Ordering::Relaxed);
+        exp != 0 && exp.saturating_mul(1000) <= now_ms()
+    }
+
+    /// Puts one queued item into the write buffer.
+    fn write_item(&mut self, item: Outbound) {
+        match item {
+            Outbound::Frame(b) => self.queue_data(&b),
+            Outbound::Event { off, bytes } => {
+                self.queue_data(&bytes);
+                self.queued_off = self.queued_off.max(off);
+            }
+            Outbound::Pong(b) => self.conn.queue(OpCode::Pong, &b),
+            Outbound::Start(start) => self.start(*start),
+        }
+    }
+
+    /// One data frame: text for JSON sessions, binary for MessagePack ones.
+    fn queue_data(&mut self, b: &[u8]) {
+        let op = if self.codec.is_binary() {
+            OpCode::Binary
+        } else {
+            OpCode::Text
+        };
+        self.conn.queue(op, b);
+    }
+
+    /// The hello reply, then the replay (in slices), `sync` and the presence snapshot.
+    fn start(&mut self, start: SessionStart) {
+        self.queue_data(&start.reply);
+        self.queued_off = self.queued_off.max(start.head);
+        match start.replay {
+            Some((since, head)) => {
+                self.replay = Some(Box::new(Replay {
+                    user: start.user,
+                    device: start.device,
+                    after: since,
+                    head,
+                    sync: start.sync,
+                    snapshot: start.snapshot,
+                }));
+            }
+            None => {
+                self.queue_data(&start.sync);
+                self.queue_data(&start.snapshot);
+            }
+        }
+    }
+
+    /// Writes the next slices of a replay while the write buffer has room. `Err`: the log
+    /// cannot be read (the session must end; the device resumes later).
+    fn fill_replay(&mut self) -> Result<(), ()> {
+        while self.conn.backlog() < HIGH_WATER {
+            let Some(r) = self.replay.as_mut() else {
+                return Ok(());
+            };
+            let (user, device, head) = (&r.user, &r.device, r.head);
+            let mut after = r.after;
+            let mut taken = 0usize;
+            let mut frames = Vec::new();
+            for off in self.gw.store.inbox(user, after, head) {
+                let off = off.map_err(|e| {
+                    tracing::error!(error = %e, user = %user, "replay read failed");
+                })?;
+                after = off;
+                taken += 1;
+                match self.gw.store.get(off) {
+                    Ok(Some(rec)) if rec.event.devices().includes(device) => {
+                        match self.codec.encode(&rec.wire()) {
+                            Ok(b) => frames.push(b),
+                            Err(e) => tracing::error!(error = %e, off, "replay encode failed"),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, user = %user, off, "replay read failed");
+                        return Err(());
+                    }
+                }
+                if taken >= REPLAY_SLICE {
+                    break;
+                }
+            }
+            let done = taken < REPLAY_SLICE;
+            r.after = after;
+            for b in &frames {
+                self.queue_data(b);
+            }
+            if done {
+                if let Some(r) = self.replay.take() {
+                    self.queue_data(&r.sync);
+                    self.queue_data(&r.snapshot);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one data message. `Some`: the session must end.
+    async fn data(&mut self, binary: bool, data: Vec<u8>) -> Option<End> {
+        if binary != self.codec.is_binary() {
+            return Some(End::Close(CloseCode::UnsupportedData.code()));
+        }
+        let value = match self.codec.decode(&data) {
             Ok(v) => v,
             Err(_) => {
                 metrics::counter!(m::FRAMES_IN, "result" => "undecodable").increment(1);
-                ctl.close_with(CloseCode::InvalidPayload);
-                return;
+                return Some(End::Close(CloseCode::InvalidPayload.code()));
             }
         };
+        drop(data);
         let parsed = parse_frame(value);
-        let Some((user, _device)) = &session else {
+        let Some(user) = self.user.clone() else {
             // Before hello: only a well-formed hello is accepted.
-            match parsed {
+            return match parsed {
                 Ok(f) => match f.op {
-                    ClientOp::Hello(h) => {
-                        match hello(&gw, &tx, &ctl, codec, id, f.id, h, bearer.as_deref()).await {
-                            Ok(s) => session = Some(s),
-                            Err(()) => return,
+                    ClientOp::Hello(h) => match self.hello(f.id, h).await {
+                        Ok(u) => {
+                            self.user = Some(u);
+                            None
                         }
-                    }
+                        Err(code) => Some(End::Close(code)),
+                    },
                     _ => {
-                        reply_now(
-                            &tx,
-                            codec,
+                        self.reply_now(
                             f.id,
                             ProtoError::unauthorized("the first frame must be hello"),
                         );
-                        ctl.close_with(CloseCode::Unauthorized);
-                        return;
+                        Some(End::Close(CloseCode::Unauthorized.code()))
                     }
                 },
                 Err(e) => {
-                    reply_now(&tx, codec, e.id, e.error);
-                    ctl.close_with(CloseCode::Unauthorized);
-                    return;
+                    self.reply_now(e.id, e.error);
+                    Some(End::Close(CloseCode::Unauthorized.code()))
                 }
-            }
-            continue;
+            };
         };
-        let verdict = limiter.check(std::time::Instant::now());
+        let verdict = self.limiter.check(std::time::Instant::now());
         if verdict != Verdict::Pass {
             // Answered here, not by the sequencer: a flood costs the sequencer nothing.
             metrics::counter!(m::FRAMES_IN, "result" => "rate_limited").increment(1);
@@ -242,6 +402,7 @@ async fn read_loop(
                 Ok(f) => f.id,
                 Err(e) => e.id,
             };
+            let lim = &self.gw.config.limits;
             let error = ProtoError::new(
                 ErrorCode::RateLimited,
                 format!(
@@ -249,155 +410,184 @@ async fn read_loop(
                     lim.rate_per_s, lim.rate_burst
                 ),
             );
-            reply_now(&tx, codec, re, error);
+            self.reply_now(re, error);
             if verdict == Verdict::Close {
-                tracing::info!(session = id, user = %user, strikes = lim.rate_strikes, "session closed: rate limited");
-                ctl.close_with(CloseCode::RateLimited);
-                return;
+                tracing::info!(session = self.id, user = %user, strikes = lim.rate_strikes, "session closed: rate limited");
+                return Some(End::Close(CloseCode::RateLimited.code()));
             }
-            continue;
+            return None;
         }
         metrics::counter!(m::FRAMES_IN, "result" => if parsed.is_ok() { "ok" } else { "bad_request" }).increment(1);
+        let session = self.id;
+        let max_body = self.gw.config.limits.max_body_bytes;
         let cmd = match parsed {
             Err(e) => Command::Reject {
-                session: id,
+                session,
                 id: e.id,
                 error: e.error,
             },
             Ok(f) => match f.op {
-                ClientOp::Refresh(r) => {
-                    let result = match gw.verifier.verify(&r.token) {
-                        Ok(c) if &c.sub == user => {
-                            ctl.token_exp.store(c.exp, Ordering::Relaxed);
-                            Ok(serde_json::json!({"exp": c.exp}))
-                        }
-                        Ok(_) => Err(ProtoError::unauthorized(
-                            "the new token is for another user",
-                        )),
-                        Err(e) => Err(ProtoError::unauthorized(e.to_string())),
-                    };
-                    Command::Reject {
-                        session: id,
+                ClientOp::Refresh(r) => match self.gw.verifier.verify(&r.token) {
+                    Ok(c) if c.sub == user => Command::Refresh {
+                        session,
                         id: f.id,
-                        error: match result {
-                            Ok(body) => {
-                                // A success answered in order: through the queue directly.
-                                if let Some(b) = encode_reply(codec, f.id, &Ok(body)) {
-                                    if f.id.is_some() {
-                                        let _ = tx.try_send(Outbound::Frame(b));
-                                    }
-                                }
-                                continue;
-                            }
-                            Err(e) => e,
-                        },
-                    }
-                }
-                ClientOp::Send(s)
-                    if crate::protocol::codec::json_len(&s.body)
-                        > gw.config.limits.max_body_bytes =>
-                {
+                        exp: c.exp,
+                        iat: c.iat,
+                    },
+                    Ok(_) => Command::Reject {
+                        session,
+                        id: f.id,
+                        error: ProtoError::unauthorized("the new token is for another user"),
+                    },
+                    Err(e) => Command::Reject {
+                        session,
+                        id: f.id,
+                        error: ProtoError::unauthorized(e.to_string()),
+                    },
+                },
+                ClientOp::Send(s) if crate::protocol::codec::json_len(&s.body) > max_body => {
                     Command::Reject {
-                        session: id,
+                        session,
                         id: f.id,
                         error: ProtoError::too_large(format!(
-                            "`body` is over {} bytes encoded",
-                            gw.config.limits.max_body_bytes
+                            "`body` is over {max_body} bytes encoded"
                         )),
                     }
                 }
                 op => Command::Op {
-                    session: id,
+                    session,
                     id: f.id,
                     op,
                 },
             },
         };
-        if gw.commands.send(cmd).await.is_err() {
+        if self.gw.commands.send(cmd).await.is_err() {
+            return Some(End::Close(CloseCode::ShuttingDown.code()));
+        }
+        None
+    }
+
+    /// Authenticates a hello and registers the session with the sequencer. `Err`: the
+    /// close code (the error reply is queued).
+    async fn hello(
+        &mut self,
+        reply_id: Option<u32>,
+        h: crate::protocol::frames::HelloOp,
+    ) -> Result<String, u16> {
+        let Some(token) = h.token.as_deref().or(self.bearer.as_deref()) else {
+            self.reply_now(reply_id, ProtoError::unauthorized("hello needs a token"));
+            return Err(CloseCode::Unauthorized.code());
+        };
+        let claims = match self.gw.verifier.verify(token) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(session = self.id, error = %e, "hello refused");
+                self.reply_now(reply_id, ProtoError::unauthorized(e.to_string()));
+                return Err(CloseCode::Unauthorized.code());
+            }
+        };
+        self.bearer = None;
+        let contacts = claims.contacts.clone().map(|list| {
+            list.into_iter()
+                .filter(|c| crate::protocol::frames::check_user("contacts", c).is_ok())
+                .collect::<Vec<_>>()
+        });
+        self.ctl.token_exp.store(claims.exp, Ordering::Relaxed);
+        let handle = SessionHandle {
+            id: self.id,
+            user: claims.sub.clone(),
+            device: h.device,
+            platform: h.platform.unwrap_or_default(),
+            codec: self.codec,
+            tx: self.tx.clone(),
+            ctl: self.ctl.clone(),
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        let cmd = Command::Hello(Box::new(HelloCmd {
+            handle,
+            reply_id,
+            since: h.since,
+            contacts,
+            iat: claims.iat,
+            done: done_tx,
+        }));
+        if self.gw.commands.send(cmd).await.is_err() {
+            return Err(CloseCode::ShuttingDown.code());
+        }
+        match done_rx.await {
+            Ok(Ok(())) => Ok(claims.sub),
+            Ok(Err(e)) => {
+                let code = match e.code {
+                    ErrorCode::Unavailable => 1013,
+                    // limits.max_devices_per_user: a policy, not a bad token.
+                    ErrorCode::Busy => 1008,
+                    _ => CloseCode::Unauthorized.code(),
+                };
+                self.reply_now(reply_id, e);
+                Err(code)
+            }
+            Err(_) => Err(CloseCode::ShuttingDown.code()),
+        }
+    }
+
+    /// Queues an error reply made by the session itself, behind what is queued already.
+    fn reply_now(&self, re: Option<u32>, e: ProtoError) {
+        if let Some(b) = encode_reply(self.codec, re, &Err(e)) {
+            let _ = self.tx.try_send(Outbound::Frame(b));
+        }
+    }
+
+    /// Ends the session: what was queued before the close goes out first (not for a slow
+    /// consumer, whose queue is abandoned: it resumes from its last `off`), then the close
+    /// frame; a close we started waits (bounded) for the client's answer.
+    async fn close(&mut self, end: End) {
+        let code = match end {
+            End::Gone => return,
+            End::Close(code) | End::Answer(code) => code,
+        };
+        if code != CloseCode::SlowConsumer.code() {
+            while let Ok(item) = self.rx.try_recv() {
+                if self.conn.backlog() >= HIGH_WATER {
+                    break;
+                }
+                if let Outbound::Start(_) = item {
+                    // A session closing before its start was written does not start.
+                    continue;
+                }
+                self.write_item(item);
+            }
+        }
+        metrics::counter!(m::CLOSES, "code" => code.to_string()).increment(1);
+        self.conn.queue_close(code, close_reason(code));
+        // The close frame waits behind what the socket has not taken yet (a slow consumer
+        // must still learn it was cut, to resume): as long as a silent client is given.
+        let write_for =
+            Duration::from_millis(self.gw.config.heartbeat.timeout_ms).max(CLOSE_LINGER);
+        let wrote =
+            tokio::time::timeout(write_for, poll_fn(|cx| self.conn.poll_write_out(cx))).await;
+        if !matches!(wrote, Ok(Ok(()))) {
             return;
         }
-    }
-}
-
-/// Authenticates a hello and registers the session with the sequencer.
-#[allow(clippy::too_many_arguments)]
-async fn hello(
-    gw: &Arc<Gateway>,
-    tx: &mpsc::Sender<Outbound>,
-    ctl: &Arc<SessionCtl>,
-    codec: Codec,
-    id: SessionId,
-    reply_id: Option<u32>,
-    h: crate::protocol::frames::HelloOp,
-    bearer: Option<&str>,
-) -> Result<(String, String), ()> {
-    let Some(token) = h.token.as_deref().or(bearer) else {
-        reply_now(
-            tx,
-            codec,
-            reply_id,
-            ProtoError::unauthorized("hello needs a token"),
-        );
-        ctl.close_with(CloseCode::Unauthorized);
-        return Err(());
-    };
-    let claims = match gw.verifier.verify(token) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(session = id, error = %e, "hello refused");
-            reply_now(tx, codec, reply_id, ProtoError::unauthorized(e.to_string()));
-            ctl.close_with(CloseCode::Unauthorized);
-            return Err(());
+        self.written_off = self.queued_off;
+        let deadline = Instant::now() + CLOSE_LINGER;
+        let conn = &mut self.conn;
+        if let End::Close(_) = end {
+            // Read (and drop) until the client's close frame or the end of the socket.
+            let _ = tokio::time::timeout_at(deadline, async {
+                loop {
+                    match poll_fn(|cx| conn.poll_message(cx)).await {
+                        Ok(Message::Close(_)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
         }
-    };
-    let contacts = claims.contacts.clone().map(|list| {
-        list.into_iter()
-            .filter(|c| crate::protocol::frames::check_user("contacts", c).is_ok())
-            .collect::<Vec<_>>()
-    });
-    ctl.token_exp.store(claims.exp, Ordering::Relaxed);
-    let handle = SessionHandle {
-        id,
-        user: claims.sub.clone(),
-        device: h.device.clone(),
-        platform: h.platform.unwrap_or_default(),
-        codec,
-        tx: tx.clone(),
-        ctl: ctl.clone(),
-    };
-    let (done_tx, done_rx) = oneshot::channel();
-    let cmd = Command::Hello(Box::new(HelloCmd {
-        handle,
-        reply_id,
-        since: h.since,
-        contacts,
-        iat: claims.iat,
-        done: done_tx,
-    }));
-    if gw.commands.send(cmd).await.is_err() {
-        return Err(());
-    }
-    match done_rx.await {
-        Ok(Ok(())) => Ok((claims.sub, h.device)),
-        Ok(Err(e)) => {
-            let code = e.code;
-            reply_now(tx, codec, reply_id, e);
-            ctl.close(match code {
-                ErrorCode::Unavailable => 1013,
-                // limits.max_devices_per_user: a policy, not a bad token.
-                ErrorCode::Busy => 1008,
-                _ => CloseCode::Unauthorized.code(),
-            });
-            Err(())
-        }
-        Err(_) => Err(()),
-    }
-}
-
-/// Queues an error reply straight from the session (before it is registered).
-fn reply_now(tx: &mpsc::Sender<Outbound>, codec: Codec, re: Option<u32>, e: ProtoError) {
-    if let Some(b) = encode_reply(codec, re, &Err(e)) {
-        let _ = tx.try_send(Outbound::Frame(b));
+        let _ = tokio::time::timeout_at(
+            deadline + Duration::from_millis(200),
+            poll_fn(|cx| conn.poll_shutdown(cx)),
+        )
+        .await;
     }
 }
 
@@ -407,96 +597,6 @@ fn echo_code(code: u16) -> u16 {
         1000..=1003 | 1007..=1011 | 3000..=4999 => code,
         _ => 1000,
     }
-}
-
-/// Writes queued frames; pings; closes on request, shutdown, silence or token expiry.
-async fn write_loop(
-    mut w: Writer,
-    mut rx: mpsc::Receiver<Outbound>,
-    ctl: Arc<SessionCtl>,
-    gw: Arc<Gateway>,
-    codec: Codec,
-) {
-    let hb = &gw.config.heartbeat;
-    let mut ping = tokio::time::interval(Duration::from_millis(hb.interval_ms));
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    let far = Instant::now() + Duration::from_secs(86400 * 365);
-    let expiry = sleep_until(far);
-    tokio::pin!(expiry);
-    let mut armed_exp = 0u64;
-    let close_code = loop {
-        let exp = ctl.token_exp.load(Ordering::Relaxed);
-        if exp != armed_exp {
-            armed_exp = exp;
-            let left_ms = (exp * 1000).saturating_sub(now_ms());
-            expiry
-                .as_mut()
-                .reset(Instant::now() + Duration::from_millis(left_ms));
-        }
-        tokio::select! {
-            biased;
-            _ = ctl.closed() => break ctl.close_code(),
-            _ = gw.shutdown.cancelled() => break CloseCode::ShuttingDown.code(),
-            item = rx.recv() => {
-                let Some(item) = item else { break 1000 };
-                let mut written = written_mark(&item);
-                if write_item(&mut w, item, &gw, codec).await.is_err() {
-                    return;
-                }
-                let mut n = 1;
-                while n < WRITE_BATCH {
-                    match rx.try_recv() {
-                        Ok(item) => {
-                            written = written.max(written_mark(&item));
-                            if write_item(&mut w, item, &gw, codec).await.is_err() {
-                                return;
-                            }
-                            n += 1;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if w.flush().await.is_err() {
-                    return;
-                }
-                if written > 0 {
-                    ctl.written_off.fetch_max(written, Ordering::Relaxed);
-                }
-            }
-            _ = ping.tick() => {
-                let heard = ctl.last_heard_ms.load(Ordering::Relaxed);
-                if now_ms().saturating_sub(heard) > hb.timeout_ms {
-                    break CloseCode::GoingAway.code();
-                }
-                if w.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hb"))).await.is_err()
-                    || w.flush().await.is_err()
-                {
-                    return;
-                }
-            }
-            _ = &mut expiry, if armed_exp != 0 => {
-                if ctl.token_exp.load(Ordering::Relaxed) == armed_exp {
-                    break CloseCode::Unauthorized.code();
-                }
-            }
-        }
-    };
-    // Frames queued before the close (an error reply before 4001, say) go out first; a
-    // slow consumer's queue is abandoned: it resumes from its last `off`.
-    if close_code != CloseCode::SlowConsumer.code() {
-        while let Ok(item) = rx.try_recv() {
-            if write_item(&mut w, item, &gw, codec).await.is_err() {
-                return;
-            }
-        }
-    }
-    let reason = close_reason(close_code);
-    metrics::counter!(m::CLOSES, "code" => close_code.to_string()).increment(1);
-    let _ = w
-        .write_frame(Frame::close(close_code, reason.as_bytes()))
-        .await;
-    let _ = w.flush().await;
 }
 
 fn close_reason(code: u16) -> &'static str {
@@ -516,71 +616,4 @@ fn close_reason(code: u16) -> &'static str {
     .find(|c| c.code() == code)
     .map(|c| c.reason())
     .unwrap_or("")
-}
-
-/// The offset an item carries to the device once written (0: none).
-fn written_mark(item: &Outbound) -> u64 {
-    match item {
-        Outbound::Event { off, .. } => *off,
-        Outbound::Start(s) => s.head,
-        Outbound::Frame(_) | Outbound::Pong(_) => 0,
-    }
-}
-
-async fn write_item(
-    w: &mut Writer,
-    item: Outbound,
-    gw: &Gateway,
-    codec: Codec,
-) -> Result<(), WebSocketError> {
-    match item {
-        Outbound::Frame(b) => write_data(w, &b, codec).await,
-        Outbound::Event { bytes, .. } => write_data(w, &bytes, codec).await,
-        Outbound::Pong(b) => w.write_frame(Frame::pong(Payload::Borrowed(&b))).await,
-        Outbound::Start(start) => write_start(w, *start, gw, codec).await,
-    }
-}
-
-/// One data frame: text for JSON sessions, binary for MessagePack ones.
-async fn write_data(w: &mut Writer, b: &Bytes, codec: Codec) -> Result<(), WebSocketError> {
-    let op = if codec.is_binary() {
-        OpCode::Binary
-    } else {
-        OpCode::Text
-    };
-    w.write_frame(Frame::new(true, op, None, Payload::Borrowed(b)))
-        .await
-}
-
-/// The hello reply, the replay of `(since, head]`, `sync` and the presence snapshot.
-async fn write_start(
-    w: &mut Writer,
-    start: SessionStart,
-    gw: &Gateway,
-    codec: Codec,
-) -> Result<(), WebSocketError> {
-    write_data(w, &start.reply, codec).await?;
-    if let Some((since, head)) = start.replay {
-        let mut sent = 0usize;
-        for off in gw.store.inbox(&start.user, since, head) {
-            let record = match off.and_then(|off| gw.store.get(off)) {
-                Ok(Some(r)) if r.event.devices().includes(&start.device) => r,
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, user = %start.user, "replay read failed");
-                    return Err(WebSocketError::ConnectionClosed);
-                }
-            };
-            match codec.encode(&record.wire()) {
-                Ok(b) => write_data(w, &b, codec).await?,
-                Err(e) => tracing::error!(error = %e, off = record.off, "replay encode failed"),
-            }
-            sent += 1;
-            if sent % WRITE_BATCH == 0 {
-                w.flush().await?;
-            }
-        }
-    }
-    write_data(w, &start.sync, codec).await?;
-    write_data(w, &start.snapshot, codec).await
 }

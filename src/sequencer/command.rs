@@ -91,6 +91,16 @@ pub enum Command {
         id: Option<u32>,
         op: ClientOp,
     },
+    /// A session's `refresh` whose token verified for the session's own user: accepted
+    /// unless the token was issued before a backend disconnect of that user.
+    Refresh {
+        session: SessionId,
+        id: Option<u32>,
+        /// The new token's `exp` (Unix s).
+        exp: u64,
+        /// The new token's `iat` (Unix s).
+        iat: Option<u64>,
+    },
     /// A frame of a session that failed before reaching State (answered in order).
     Reject {
         session: SessionId,

@@ -426,6 +426,12 @@ impl Sequencer {
             Command::Hello(h) => self.hello(*h).await,
             Command::Goodbye { session } => self.drop_session(session),
             Command::Op { session, id, op } => self.op(session, id, op).await,
+            Command::Refresh {
+                session,
+                id,
+                exp,
+                iat,
+            } => self.refresh(session, id, exp, iat),
             Command::Reject { session, id, error } => self.answer(
                 AnswerTo::Session {
                     id: session,

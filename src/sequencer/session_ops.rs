@@ -151,14 +151,7 @@ impl Sequencer {
         device: &str,
         iat: Option<u64>,
     ) -> Result<(), ProtoError> {
-        if let Some(revoked_ms) = self.state.user(user).and_then(|u| u.tokens_revoked_ms) {
-            // `iat` has whole seconds: a token of the disconnect's own second still passes.
-            if iat.is_none_or(|iat| iat < revoked_ms / 1000) {
-                return Err(ProtoError::unauthorized(
-                    "the token was issued before the backend disconnected this user",
-                ));
-            }
-        }
+        self.token_admissible(user, iat)?;
         let mut others: Vec<&str> = self
             .registry
             .of_user(user)
@@ -177,6 +170,47 @@ impl Sequencer {
             ));
         }
         Ok(())
+    }
+
+    /// A token issued before a backend disconnect of `user` is refused.
+    fn token_admissible(&self, user: &str, iat: Option<u64>) -> Result<(), ProtoError> {
+        if let Some(revoked_ms) = self.state.user(user).and_then(|u| u.tokens_revoked_ms) {
+            // `iat` has whole seconds: a token of the disconnect's own second still passes.
+            if iat.is_none_or(|iat| iat < revoked_ms / 1000) {
+                return Err(ProtoError::unauthorized(
+                    "the token was issued before the backend disconnected this user",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A `refresh` with a verified token for the session's user: the session's expiry
+    /// moves to the new token's, unless that token is revoked.
+    pub(super) fn refresh(
+        &mut self,
+        session: SessionId,
+        id: Option<u32>,
+        exp: u64,
+        iat: Option<u64>,
+    ) {
+        let Some(h) = self.registry.get(session) else {
+            return;
+        };
+        let result = self.token_admissible(&h.user, iat).map(|()| {
+            h.ctl
+                .token_exp
+                .store(exp, std::sync::atomic::Ordering::Relaxed);
+            json!({ "exp": exp })
+        });
+        self.answer(
+            AnswerTo::Session {
+                id: session,
+                re: id,
+            },
+            result,
+            None,
+        );
     }
 
     /// Removes a session (socket gone, kicked or too slow) and updates presence.
