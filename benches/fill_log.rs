@@ -1,7 +1,9 @@
 //! Fills a data directory with N realistic chat events, for start-up and disk figures
 //! (issue 7): `docs/BENCHMARKS.md` section 7 has the commands.
 //!
-//! Run: `cargo bench --bench fill_log -- DIR N [USERS]`. DIR must not hold a log yet.
+//! Run: `cargo bench --bench fill_log -- DIR N [USERS]`: fills DIR until its log holds N
+//! events, continuing a partial fill (so a large fill can run as several processes: sled's
+//! memory grows with a long write burst and is given back only when the process ends).
 //! Events are direct messages between USERS users (default 10,000) in pairs, each with a
 //! ~100-byte JSON body, a `cid` and two recipients, so each writes the event, two inbox
 //! entries, a conversation entry and a dedupe entry: what the broker writes for a chat
@@ -45,19 +47,27 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let start = match store.head() {
-        Ok(0) => 1,
-        Ok(h) => {
-            eprintln!("{} already holds {h} events", dir.display());
-            std::process::exit(1);
-        }
+    // N is the size the log should reach: a directory that holds part of it (an earlier,
+    // interrupted or chunked fill) is continued from its head.
+    let head = match store.head() {
+        Ok(h) => h,
         Err(e) => {
             eprintln!("{e}");
             std::process::exit(1);
         }
     };
+    if head >= n {
+        eprintln!("{} already holds {head} events", dir.display());
+        std::process::exit(1);
+    }
+    let start = head + 1;
+    let n = n - head;
     let t0 = Instant::now();
     let mut seqs: HashMap<u64, u64> = HashMap::new();
+    // The conversations' seqs so far follow from the offsets alone.
+    for o in 1..start {
+        *seqs.entry(pair_of(o, users)).or_insert(0) += 1;
+    }
     let ts0 = 1_767_225_600_000u64;
     let mut off = start;
     let mut batch = Vec::with_capacity(BATCH as usize);
@@ -66,11 +76,9 @@ fn main() {
         let end = (off + BATCH).min(start + n);
         for o in off..end {
             // A pseudo-random pair, fixed by the offset.
-            let a = o.wrapping_mul(2_654_435_761) % users;
-            let b = (a + 1 + o.wrapping_mul(40_503) % (users - 1)) % users;
+            let (a, b) = users_of(o, users);
             let (x, y) = if a < b { (a, b) } else { (b, a) };
-            let pair = x * users + y;
-            let seq = seqs.entry(pair).or_insert(0);
+            let seq = seqs.entry(pair_of(o, users)).or_insert(0);
             *seq += 1;
             let (from, to) = (format!("user{a}"), format!("user{b}"));
             batch.push(Record {
@@ -117,9 +125,25 @@ fn main() {
         std::process::exit(1);
     }
     let bytes = store.size_on_disk();
+    let total = start + n - 1;
     println!(
-        "{{\"events\":{n},\"users\":{users},\"seconds\":{:.1},\"bytes_on_disk\":{bytes},\"bytes_per_event\":{}}}",
+        "{{\"events\":{total},\"added\":{n},\"users\":{users},\"seconds\":{:.1},\"bytes_on_disk\":{bytes},\"bytes_per_event\":{}}}",
         t0.elapsed().as_secs_f64(),
-        bytes / n.max(1)
+        bytes / total.max(1)
     );
+}
+
+/// The sender and recipient of the message at offset `o`: a pseudo-random pair, fixed by
+/// the offset.
+fn users_of(o: u64, users: u64) -> (u64, u64) {
+    let a = o.wrapping_mul(2_654_435_761) % users;
+    let b = (a + 1 + o.wrapping_mul(40_503) % (users - 1)) % users;
+    (a, b)
+}
+
+/// The conversation (unordered pair) of the message at offset `o`.
+fn pair_of(o: u64, users: u64) -> u64 {
+    let (a, b) = users_of(o, users);
+    let (x, y) = if a < b { (a, b) } else { (b, a) };
+    x * users + y
 }
