@@ -57,6 +57,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
+    pub debug: DebugConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -333,6 +334,14 @@ pub struct LoggingConfig {
     pub format: LogFormat,
     /// Directory of daily-rotated log files ("": stdout only).
     pub dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebugConfig {
+    /// Serve `/echo`, a WebSocket echo through the same frame reader, limits and writer as
+    /// `/ws`, for WebSocket conformance suites. Never in production.
+    pub echo_endpoint: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -315,7 +315,7 @@ impl Broker {
             applied.push("storage.max_bytes");
         }
         let mut restart = Vec::new();
-        let sections: [(&str, bool); 16] = [
+        let sections: [(&str, bool); 17] = [
             ("sync", new.sync != old.sync),
             ("server", new.server != old.server),
             (
@@ -334,6 +334,7 @@ impl Broker {
             ("retention", new.retention != old.retention),
             ("shutdown", new.shutdown != old.shutdown),
             ("metrics", new.metrics != old.metrics),
+            ("debug", new.debug != old.debug),
             (
                 "logging",
                 new.logging.format != old.logging.format || new.logging.dir != old.logging.dir,

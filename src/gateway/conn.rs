@@ -21,9 +21,11 @@
 //! - `wbuf` is bounded by the caller: [`Conn::backlog`] says how much waits, and the session
 //!   stops taking from its queue above its high-water mark.
 
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -278,6 +280,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
+
+    /// Ends the connection with a close frame: queues it behind what waits, gives the socket
+    /// `write_for` to take everything, then (when `wait_for_client`: we started the close)
+    /// reads and drops messages until the client's close frame or `linger` passes, and
+    /// shuts the write side down. Returns whether everything queued, the close frame
+    /// included, reached the socket.
+    pub async fn close(
+        &mut self,
+        code: u16,
+        reason: &str,
+        write_for: Duration,
+        linger: Duration,
+        wait_for_client: bool,
+    ) -> bool {
+        self.queue_close(code, reason);
+        let wrote = tokio::time::timeout(write_for, poll_fn(|cx| self.poll_write_out(cx))).await;
+        if !matches!(wrote, Ok(Ok(()))) {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        if wait_for_client {
+            let _ = tokio::time::timeout_at(deadline, async {
+                loop {
+                    match poll_fn(|cx| self.poll_message(cx)).await {
+                        Ok(Message::Close(_)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        }
+        let _ = tokio::time::timeout_at(
+            deadline + Duration::from_millis(200),
+            poll_fn(|cx| self.poll_shutdown(cx)),
+        )
+        .await;
+        true
+    }
+}
+
+/// The code to answer a client's close frame with: its own when it may be sent back,
+/// else 1000.
+pub fn answer_code(code: Option<u16>) -> u16 {
+    code.filter(|c| matches!(c, 1000..=1003 | 1007..=1011 | 3000..=4999))
+        .unwrap_or(1000)
 }
 
 impl Partial {

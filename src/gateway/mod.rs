@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod conn;
+pub mod echo;
 pub mod rate;
 pub mod session;
 pub mod tls;
@@ -147,8 +148,10 @@ where
 }
 
 async fn route(req: Request<Incoming>, gw: Arc<Gateway>) -> Response<Body> {
-    if req.uri().path() == "/ws" {
-        return upgrade(req, gw);
+    match req.uri().path() {
+        "/ws" => return upgrade(req, gw, Endpoint::Session),
+        "/echo" if gw.config.debug.echo_endpoint => return upgrade(req, gw, Endpoint::Echo),
+        _ => {}
     }
     api::handle(req, gw).await
 }
@@ -161,9 +164,20 @@ pub fn error_response(e: &ProtoError) -> Response<Body> {
     )
 }
 
-fn upgrade(mut req: Request<Incoming>, gw: Arc<Gateway>) -> Response<Body> {
+/// What an upgraded connection runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    /// `/ws`: a Switchboard session.
+    Session,
+    /// `/echo` (`debug.echo_endpoint`): messages sent back as they came.
+    Echo,
+}
+
+fn upgrade(mut req: Request<Incoming>, gw: Arc<Gateway>, endpoint: Endpoint) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        let mut r = error_response(&ProtoError::bad_request("/ws expects a WebSocket upgrade"));
+        let mut r = error_response(&ProtoError::bad_request(
+            "this path expects a WebSocket upgrade",
+        ));
         *r.status_mut() = hyper::StatusCode::UPGRADE_REQUIRED;
         return r;
     }
@@ -173,6 +187,21 @@ fn upgrade(mut req: Request<Incoming>, gw: Arc<Gateway>) -> Response<Body> {
         if !origin.is_some_and(|o| allowed.iter().any(|a| a == o)) {
             return error_response(&ProtoError::forbidden("origin not allowed"));
         }
+    }
+    if endpoint == Endpoint::Echo {
+        let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+            Ok(x) => x,
+            Err(e) => return error_response(&ProtoError::bad_request(e.to_string())),
+        };
+        let gw2 = gw.clone();
+        gw.tracker.spawn(async move {
+            match fut.await {
+                Ok(ws) => echo::run(ws.into_inner(), gw2).await,
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, Full::new(Bytes::new()));
     }
     let offer: Vec<&str> = req
         .headers()

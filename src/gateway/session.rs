@@ -26,7 +26,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
-use super::conn::{Conn, Message, ReadError};
+use super::conn::{answer_code, Conn, Message, ReadError};
 use super::rate::{RateLimiter, Verdict};
 use super::wire::OpCode;
 use super::Gateway;
@@ -194,7 +194,7 @@ impl Session {
                     match msg {
                         Message::Ping(p) => self.conn.queue(OpCode::Pong, &p),
                         Message::Pong => {}
-                        Message::Close(code) => break End::Answer(code.map_or(1000, echo_code)),
+                        Message::Close(code) => break End::Answer(answer_code(code)),
                         Message::Text(data) => {
                             if let Some(end) = self.data(false, data).await {
                                 break end;
@@ -558,44 +558,18 @@ impl Session {
             }
         }
         metrics::counter!(m::CLOSES, "code" => code.to_string()).increment(1);
-        self.conn.queue_close(code, close_reason(code));
         // The close frame waits behind what the socket has not taken yet (a slow consumer
         // must still learn it was cut, to resume): as long as a silent client is given.
         let write_for =
             Duration::from_millis(self.gw.config.heartbeat.timeout_ms).max(CLOSE_LINGER);
-        let wrote =
-            tokio::time::timeout(write_for, poll_fn(|cx| self.conn.poll_write_out(cx))).await;
-        if !matches!(wrote, Ok(Ok(()))) {
-            return;
+        let started = matches!(end, End::Close(_));
+        if self
+            .conn
+            .close(code, close_reason(code), write_for, CLOSE_LINGER, started)
+            .await
+        {
+            self.written_off = self.queued_off;
         }
-        self.written_off = self.queued_off;
-        let deadline = Instant::now() + CLOSE_LINGER;
-        let conn = &mut self.conn;
-        if let End::Close(_) = end {
-            // Read (and drop) until the client's close frame or the end of the socket.
-            let _ = tokio::time::timeout_at(deadline, async {
-                loop {
-                    match poll_fn(|cx| conn.poll_message(cx)).await {
-                        Ok(Message::Close(_)) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                }
-            })
-            .await;
-        }
-        let _ = tokio::time::timeout_at(
-            deadline + Duration::from_millis(200),
-            poll_fn(|cx| conn.poll_shutdown(cx)),
-        )
-        .await;
-    }
-}
-
-/// The close code to answer a client's close with.
-fn echo_code(code: u16) -> u16 {
-    match code {
-        1000..=1003 | 1007..=1011 | 3000..=4999 => code,
-        _ => 1000,
     }
 }
 
