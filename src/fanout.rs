@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::log::event::Devices;
+use crate::outbox::{Outbox, PushError};
 use crate::protocol::frames::Platform;
 use crate::protocol::{CloseCode, Codec};
 
@@ -47,9 +48,12 @@ pub struct SessionStart {
     pub snapshot: Bytes,
 }
 
-/// Shared control block of a session: how to close it and when it was last heard from.
-#[derive(Debug, Default)]
+/// Shared control block of a session: its outbound queue, how to close it and when it was
+/// last heard from.
+#[derive(Debug)]
 pub struct SessionCtl {
+    /// What the session writes to its socket, in order.
+    pub outbox: Outbox,
     close: AtomicU16,
     notify: Notify,
     /// Unix ms of the last frame received.
@@ -62,6 +66,18 @@ pub struct SessionCtl {
 }
 
 impl SessionCtl {
+    /// A control block whose queue holds at most `queue_capacity` items.
+    pub fn new(queue_capacity: usize) -> SessionCtl {
+        SessionCtl {
+            outbox: Outbox::new(queue_capacity),
+            close: AtomicU16::new(0),
+            notify: Notify::new(),
+            last_heard_ms: AtomicU64::new(0),
+            token_exp: AtomicU64::new(0),
+            written_off: AtomicU64::new(0),
+        }
+    }
+
     /// Asks the writer to close the socket with `code` (the first request wins).
     pub fn close(&self, code: u16) {
         if self
@@ -101,7 +117,6 @@ pub struct SessionHandle {
     pub device: String,
     pub platform: Platform,
     pub codec: Codec,
-    pub tx: mpsc::Sender<Outbound>,
     pub ctl: Arc<SessionCtl>,
 }
 
@@ -259,8 +274,8 @@ impl Registry {
 }
 
 fn push(h: &SessionHandle, item: Outbound) -> Result<(), PushFail> {
-    h.tx.try_send(item).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(_) => PushFail::Full,
-        mpsc::error::TrySendError::Closed(_) => PushFail::Gone,
+    h.ctl.outbox.push(item).map_err(|e| match e {
+        PushError::Full => PushFail::Full,
+        PushError::Closed => PushFail::Gone,
     })
 }

@@ -10,6 +10,7 @@ pub mod fanout;
 pub mod gateway;
 pub mod log;
 pub mod logtool;
+pub mod outbox;
 pub mod protocol;
 pub mod push;
 pub mod retention;

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{sleep_until, Instant};
 
 use super::conn::{answer_code, Conn, Message, ReadError};
@@ -52,8 +52,7 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Runs a session to its end.
 pub async fn run(io: Io, gw: Arc<Gateway>, codec: Codec, bearer: Option<String>, id: SessionId) {
-    let (tx, rx) = mpsc::channel(gw.config.limits.outbound_queue);
-    let ctl = Arc::new(SessionCtl::default());
+    let ctl = Arc::new(SessionCtl::new(gw.config.limits.outbound_queue));
     ctl.last_heard_ms.store(now_ms(), Ordering::Relaxed);
     let lim = &gw.config.limits;
     let limiter = RateLimiter::new(
@@ -67,8 +66,6 @@ pub async fn run(io: Io, gw: Arc<Gateway>, codec: Codec, bearer: Option<String>,
         gw: gw.clone(),
         codec,
         id,
-        tx,
-        rx,
         ctl,
         bearer,
         user: None,
@@ -78,6 +75,7 @@ pub async fn run(io: Io, gw: Arc<Gateway>, codec: Codec, bearer: Option<String>,
         written_off: 0,
     };
     s.run().await;
+    s.ctl.outbox.close();
     if s.written_off > 0 {
         s.ctl
             .written_off
@@ -91,7 +89,7 @@ pub async fn run(io: Io, gw: Arc<Gateway>, codec: Codec, bearer: Option<String>,
 enum Wake {
     Read(Result<Message, ReadError>),
     Drained,
-    Queue(Option<Outbound>),
+    Queue(Outbound),
     Timer,
     CloseRequested,
     Shutdown,
@@ -122,9 +120,7 @@ struct Session {
     gw: Arc<Gateway>,
     codec: Codec,
     id: SessionId,
-    /// The session's own end of its queue: replies made here go behind what is queued.
-    tx: mpsc::Sender<Outbound>,
-    rx: mpsc::Receiver<Outbound>,
+    /// Its queue (`ctl.outbox`) carries replies made here too, behind what is queued.
     ctl: Arc<SessionCtl>,
     bearer: Option<String>,
     /// The user, once hello succeeded.
@@ -166,7 +162,7 @@ impl Session {
                     Ok(None) => Wake::Drained,
                     Err(e) => Wake::Read(Err(e)),
                 },
-                item = self.rx.recv(), if room => Wake::Queue(item),
+                item = self.ctl.outbox.pop(), if room => Wake::Queue(item),
                 _ = &mut timer => Wake::Timer,
             };
             if self.conn.backlog() == 0 {
@@ -176,16 +172,15 @@ impl Session {
                 Wake::CloseRequested => break End::Close(self.ctl.close_code()),
                 Wake::Shutdown => break End::Close(CloseCode::ShuttingDown.code()),
                 Wake::Drained => {}
-                Wake::Queue(None) => break End::Close(1000),
-                Wake::Queue(Some(item)) => {
+                Wake::Queue(item) => {
                     self.write_item(item);
                     for _ in 1..WRITE_BATCH {
                         if self.replay.is_some() || self.conn.backlog() >= HIGH_WATER {
                             break;
                         }
-                        match self.rx.try_recv() {
-                            Ok(item) => self.write_item(item),
-                            Err(_) => break,
+                        match self.ctl.outbox.try_pop() {
+                            Some(item) => self.write_item(item),
+                            None => break,
                         }
                     }
                 }
@@ -196,12 +191,12 @@ impl Session {
                         Message::Pong => {}
                         Message::Close(code) => break End::Answer(answer_code(code)),
                         Message::Text(data) => {
-                            if let Some(end) = self.data(false, data).await {
+                            if let Some(end) = Box::pin(self.data(false, data)).await {
                                 break end;
                             }
                         }
                         Message::Binary(data) => {
-                            if let Some(end) = self.data(true, data).await {
+                            if let Some(end) = Box::pin(self.data(true, data)).await {
                                 break end;
                             }
                         }
@@ -237,7 +232,9 @@ impl Session {
                 }
             }
         };
-        self.close(end).await;
+        // Boxed, like `data`: a task is as large as its largest state, and an idle session
+        // should not reserve the room of a hello or a close it is not in.
+        Box::pin(self.close(end)).await;
     }
 
     /// The next time the timer must fire: hello timeout, ping, token expiry.
@@ -499,7 +496,6 @@ impl Session {
             device: h.device,
             platform: h.platform.unwrap_or_default(),
             codec: self.codec,
-            tx: self.tx.clone(),
             ctl: self.ctl.clone(),
         };
         let (done_tx, done_rx) = oneshot::channel();
@@ -533,7 +529,7 @@ impl Session {
     /// Queues an error reply made by the session itself, behind what is queued already.
     fn reply_now(&self, re: Option<u32>, e: ProtoError) {
         if let Some(b) = encode_reply(self.codec, re, &Err(e)) {
-            let _ = self.tx.try_send(Outbound::Frame(b));
+            let _ = self.ctl.outbox.push(Outbound::Frame(b));
         }
     }
 
@@ -546,7 +542,7 @@ impl Session {
             End::Close(code) | End::Answer(code) => code,
         };
         if code != CloseCode::SlowConsumer.code() {
-            while let Ok(item) = self.rx.try_recv() {
+            while let Some(item) = self.ctl.outbox.try_pop() {
                 if self.conn.backlog() >= HIGH_WATER {
                     break;
                 }

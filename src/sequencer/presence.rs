@@ -105,7 +105,7 @@ impl Sequencer {
             .registry
             .all()
             .filter(|h| {
-                h.tx.is_closed()
+                h.ctl.outbox.is_closed()
                     || now.saturating_sub(
                         h.ctl
                             .last_heard_ms

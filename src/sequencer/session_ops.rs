@@ -126,8 +126,9 @@ impl Sequencer {
             .written_off
             .store(head, std::sync::atomic::Ordering::Relaxed);
         if handle
-            .tx
-            .try_send(Outbound::Start(Box::new(start)))
+            .ctl
+            .outbox
+            .push(Outbound::Start(Box::new(start)))
             .is_err()
         {
             let _ = done.send(Err(ProtoError::unavailable("session queue unavailable")));

@@ -21,21 +21,20 @@ fn sequencer(dir: &std::path::Path) -> Sequencer {
     )
 }
 
-fn handle(id: u64, user: &str) -> (SessionHandle, mpsc::Receiver<Outbound>) {
-    let (tx, rx) = mpsc::channel(8);
+fn handle(id: u64, user: &str) -> (SessionHandle, Arc<SessionCtl>) {
+    let ctl = Arc::new(SessionCtl::new(8));
     let h = SessionHandle {
         id,
         user: user.into(),
         device: format!("d{id}"),
         platform: Platform::Web,
         codec: Codec::Json,
-        tx,
-        ctl: Arc::new(SessionCtl::default()),
+        ctl: ctl.clone(),
     };
     h.ctl
         .last_heard_ms
         .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
-    (h, rx)
+    (h, ctl)
 }
 
 #[tokio::test]
@@ -46,7 +45,7 @@ async fn sweep_ends_a_session_whose_socket_is_gone_and_keeps_live_ones() {
     let (live, _rx_live) = handle(2, "bob");
     s.registry.insert(gone);
     s.registry.insert(live);
-    drop(rx_gone);
+    rx_gone.outbox.close();
     assert_eq!(s.sweep(), (1, 0));
     assert!(s.registry.get(1).is_none());
     assert!(s.registry.get(2).is_some());
