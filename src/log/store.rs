@@ -429,7 +429,9 @@ fn encode_record(r: &Record) -> Result<Vec<u8>, LogError> {
     Ok(v)
 }
 
-fn decode_record(off: u64, v: &[u8]) -> Result<Record, LogError> {
+/// Decodes the stored value of event `off`: a CRC-32 of the body, then the MessagePack
+/// record, which must name `off` itself. Public for the fuzz target (`tests/fuzz`).
+pub fn decode_record(off: u64, v: &[u8]) -> Result<Record, LogError> {
     let corrupt = |reason: String| LogError::Corrupt { off, reason };
     if v.len() < 4 {
         return Err(corrupt("value shorter than its checksum".into()));
