@@ -56,7 +56,8 @@ pub struct SessionCtl {
     pub outbox: Outbox,
     close: AtomicU16,
     notify: Notify,
-    /// Unix ms of the last frame received.
+    /// [`crate::clock::mono_ms`] of the last frame received (monotonic: a wall clock step
+    /// must not make every session look silent).
     pub last_heard_ms: AtomicU64,
     /// Unix seconds when the token expires (0: not authenticated yet).
     pub token_exp: AtomicU64,

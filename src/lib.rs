@@ -5,6 +5,7 @@
 //! starts the sequencer (the only writer) and the gateway (WebSocket + HTTP API).
 
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod fanout;
 pub mod gateway;

@@ -991,7 +991,7 @@ pub fn copy_store(
         dir: target.to_path_buf(),
         ..Default::default()
     };
-    for name in src.tree_names() {
+    for name in src.tree_names()? {
         let is_log = name == b"log";
         let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(COPY_BATCH);
         for item in src.scan_tree(&name)? {

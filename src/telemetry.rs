@@ -20,6 +20,8 @@ pub const FLUSH_SECONDS: &str = "switchboard_flush_seconds";
 pub const QUEUE_DROPS: &str = "switchboard_fanout_queue_drops_total";
 /// Batches whose append or flush failed (counter).
 pub const APPEND_FAILURES: &str = "switchboard_append_failures_total";
+/// Reopenings of the store after a storage error, by outcome `ok` / `failed` (counter).
+pub const STORE_REOPENS: &str = "switchboard_store_reopens_total";
 /// Batches refused because the store reached `storage.max_bytes` (counter).
 pub const LOG_FULL: &str = "switchboard_log_full_total";
 /// `send`s answered as duplicates of an earlier cid (counter).
@@ -151,6 +153,10 @@ fn describe() {
         "batches whose append or flush failed (answered unavailable)"
     );
     describe_counter!(
+        STORE_REOPENS,
+        "reopenings of the store after a storage error (sled's errors are sticky), by outcome"
+    );
+    describe_counter!(
         LOG_FULL,
         "batches refused (answered unavailable) because the store reached storage.max_bytes"
     );
@@ -186,6 +192,8 @@ fn describe() {
     metrics::counter!(QUEUE_DROPS).absolute(0);
     metrics::counter!(APPEND_FAILURES).absolute(0);
     metrics::counter!(LOG_FULL).absolute(0);
+    metrics::counter!(STORE_REOPENS, "outcome" => "ok").absolute(0);
+    metrics::counter!(STORE_REOPENS, "outcome" => "failed").absolute(0);
     metrics::counter!(DUPLICATES).absolute(0);
     metrics::gauge!(CONNECTIONS).set(0.0);
 }

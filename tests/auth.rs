@@ -120,6 +120,24 @@ async fn a_token_expired_one_second_beyond_the_leeway_is_refused_and_within_it_a
     assert_accepted(&b, &inside, "expired 20 s ago with a 30 s leeway").await;
 }
 
+/// `nbf` was not checked at all before 2026-12-06 (jsonwebtoken leaves it off by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_not_yet_valid_beyond_the_leeway_is_refused_and_within_it_accepted() {
+    let b = TestBroker::start_with(|c| c.auth.leeway_s = 30).await;
+    let user = uid("nina");
+    let exp = now_s() + 3600;
+    let early = mint(
+        &b.secret,
+        &json!({"sub": user, "exp": exp, "nbf": now_s() + 60}),
+    );
+    assert_refused(&b, &early, "valid from a minute from now").await;
+    let inside = mint(
+        &b.secret,
+        &json!({"sub": user, "exp": exp, "nbf": now_s() + 20}),
+    );
+    assert_accepted(&b, &inside, "valid from 20 s from now with a 30 s leeway").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_configured_audience_and_issuer_must_be_present_and_match() {
     let b = TestBroker::start_with(|c| {

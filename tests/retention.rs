@@ -105,14 +105,16 @@ async fn compaction_moves_the_floor_and_a_since_below_it_gets_reset() {
 #[tokio::test]
 async fn max_age_deletes_only_older_events() {
     let b = TestBroker::start_with(|c| {
-        c.retention.max_age_s = 1;
+        // Long enough that the new messages and the compaction fit in it on a loaded
+        // machine (at 1 s the parallel test run once aged the new ones out too).
+        c.retention.max_age_s = 3;
         c.snapshot.every_events = 0;
     })
     .await;
     let (alice, bob) = (uid("alice"), uid("bob"));
     let a = b.connect(&alice, "a1").await;
     let old_head = chat(&a, &bob, "o", 10).await;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let first_new = chat(&a, &bob, "n", 1).await;
     chat(&a, &bob, "m", 4).await;
     let rep = b.broker().compact().await.expect("compaction runs");

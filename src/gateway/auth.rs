@@ -74,6 +74,8 @@ impl Verifier {
         // must also be required, or a token without the claim would pass.
         let mut required = vec!["exp", "sub"];
         validation.validate_exp = true;
+        // Off by default in jsonwebtoken; PROTOCOL.md promises `nbf` is honoured.
+        validation.validate_nbf = true;
         if !cfg.audience.is_empty() {
             validation.set_audience(&[cfg.audience.as_str()]);
             required.push("aud");

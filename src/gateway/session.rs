@@ -30,6 +30,7 @@ use super::conn::{answer_code, Conn, Message, ReadError};
 use super::rate::{RateLimiter, Verdict};
 use super::wire::OpCode;
 use super::Gateway;
+use crate::clock::mono_ms;
 use crate::fanout::{Outbound, SessionCtl, SessionHandle, SessionId, SessionStart};
 use crate::protocol::frames::{parse_frame, ClientOp};
 use crate::protocol::{CloseCode, Codec, ErrorCode, ProtoError};
@@ -53,7 +54,7 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Runs a session to its end.
 pub async fn run(io: Io, gw: Arc<Gateway>, codec: Codec, bearer: Option<String>, id: SessionId) {
     let ctl = Arc::new(SessionCtl::new(gw.config.limits.outbound_queue));
-    ctl.last_heard_ms.store(now_ms(), Ordering::Relaxed);
+    ctl.last_heard_ms.store(mono_ms(), Ordering::Relaxed);
     let lim = &gw.config.limits;
     let limiter = RateLimiter::new(
         lim.rate_per_s,
@@ -185,7 +186,7 @@ impl Session {
                     }
                 }
                 Wake::Read(Ok(msg)) => {
-                    self.ctl.last_heard_ms.store(now_ms(), Ordering::Relaxed);
+                    self.ctl.last_heard_ms.store(mono_ms(), Ordering::Relaxed);
                     match msg {
                         Message::Ping(p) => self.conn.queue(OpCode::Pong, &p),
                         Message::Pong => {}
@@ -223,7 +224,7 @@ impl Session {
                     }
                     if now >= next_ping {
                         let heard = self.ctl.last_heard_ms.load(Ordering::Relaxed);
-                        if now_ms().saturating_sub(heard) > hb_timeout_ms {
+                        if mono_ms().saturating_sub(heard) > hb_timeout_ms {
                             break End::Close(CloseCode::GoingAway.code());
                         }
                         self.conn.queue(OpCode::Ping, b"hb");

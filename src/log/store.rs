@@ -13,7 +13,9 @@
 //! offset are checked and the offsets must be contiguous, so a shortened or altered history
 //! refuses to serve instead of silently diverging.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::config::Durability;
 
@@ -33,22 +35,38 @@ pub enum LogError {
     Full { size: u64, max: u64 },
     #[error("data directory {dir} is in use by another broker (or unreadable): {reason}")]
     Locked { dir: String, reason: String },
+    #[error("the store is being reopened after a storage error")]
+    Closed,
 }
 
-/// The log store. Cheap to share (`sled` handles are reference counted).
+/// The log store. Cheap to share: every clone sees the same sled database, and a
+/// [`Store::reopen`] through any clone replaces it for all of them.
 #[derive(Clone)]
 pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    durability: Durability,
+    flush_interval_ms: u64,
+    /// `None` while a reopen is under way (every operation answers [`LogError::Closed`]).
+    open: RwLock<Option<Handles>>,
+}
+
+/// The sled handles of one opening of the database.
+#[derive(Clone)]
+struct Handles {
     db: sled::Db,
     log: sled::Tree,
 }
 
-impl Store {
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(
+impl Handles {
+    fn open(
         dir: &Path,
         durability: Durability,
         flush_interval_ms: u64,
-    ) -> Result<Store, LogError> {
+    ) -> Result<Handles, LogError> {
         let flush_every = match durability {
             Durability::Flush => Some(500),
             Durability::Interval => Some(flush_interval_ms.max(1)),
@@ -71,14 +89,104 @@ impl Store {
                 other => LogError::Sled(other),
             })?;
         let log = db.open_tree("log")?;
-        Ok(Store { db, log })
+        Ok(Handles { db, log })
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(
+        dir: &Path,
+        durability: Durability,
+        flush_interval_ms: u64,
+    ) -> Result<Store, LogError> {
+        let handles = Handles::open(dir, durability, flush_interval_ms)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                durability,
+                flush_interval_ms,
+                open: RwLock::new(Some(handles)),
+            }),
+        })
+    }
+
+    /// Closes the database and opens it again from disk, for every clone of this store.
+    ///
+    /// sled's I/O errors are sticky: after one failed write or fsync every later write of
+    /// that opening fails. Reopening recovers what reached the disk (sled's own recovery
+    /// drops a torn tail) and takes writes again. Blocking: it waits, up to `timeout`, for
+    /// the last handle of the old opening to go (an iterator in another task keeps it, and
+    /// with it sled's directory lock), so call it off the async workers.
+    pub fn reopen(&self, timeout: Duration) -> Result<(), LogError> {
+        let old = self.write_lock().take();
+        if let Some(old) = old {
+            // Best effort: with a sticky error this fails, and nothing more can be saved.
+            let _ = old.db.flush();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let i = &self.inner;
+            match Handles::open(&i.dir, i.durability, i.flush_interval_ms) {
+                Ok(h) => {
+                    *self.write_lock() = Some(h);
+                    return Ok(());
+                }
+                Err(LogError::Locked { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether the database is open (false while a reopen is under way or after one failed).
+    pub fn is_open(&self) -> bool {
+        self.read_lock().is_some()
+    }
+
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, Option<Handles>> {
+        self.inner.open.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Option<Handles>> {
+        self.inner.open.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handles(&self) -> Result<Handles, LogError> {
+        self.read_lock().clone().ok_or(LogError::Closed)
+    }
+
+    /// `f` over the current `log` tree, or one [`LogError::Closed`] while none is open.
+    fn over_tree<T, I>(
+        &self,
+        f: impl FnOnce(sled::Tree) -> I,
+    ) -> impl Iterator<Item = Result<T, LogError>>
+    where
+        I: Iterator<Item = Result<T, LogError>>,
+    {
+        let (tree, closed) = match self.tree() {
+            Ok(t) => (Some(t), None),
+            Err(e) => (None, Some(Err(e))),
+        };
+        closed.into_iter().chain(tree.map(f).into_iter().flatten())
+    }
+
+    /// The `log` tree of the current opening.
+    fn tree(&self) -> Result<sled::Tree, LogError> {
+        self.handles().map(|h| h.log)
+    }
+
+    /// The database of the current opening.
+    fn db(&self) -> Result<sled::Db, LogError> {
+        self.handles().map(|h| h.db)
     }
 
     /// The newest offset (0 for an empty log). When retention has deleted every event, the
     /// head is the one below the floor: offsets are never handed out twice.
     pub fn head(&self) -> Result<u64, LogError> {
         let last = self
-            .log
+            .tree()?
             .range(keys::event(0)..=keys::event(u64::MAX))
             .next_back()
             .transpose()?;
@@ -118,19 +226,19 @@ impl Store {
                 }
             }
         }
-        self.log.apply_batch(batch)?;
+        self.tree()?.apply_batch(batch)?;
         Ok(())
     }
 
     /// Makes every earlier append crash-safe.
     pub async fn flush(&self) -> Result<(), LogError> {
-        self.db.flush_async().await?;
+        self.db()?.flush_async().await?;
         Ok(())
     }
 
     /// One record by offset.
     pub fn get(&self, off: u64) -> Result<Option<Record>, LogError> {
-        match self.log.get(keys::event(off))? {
+        match self.tree()?.get(keys::event(off))? {
             Some(v) => decode_record(off, &v).map(Some),
             None => Ok(None),
         }
@@ -139,7 +247,7 @@ impl Store {
     /// The offset of an earlier message with this (user, cid).
     pub fn dedupe(&self, user: &str, cid: &str) -> Result<Option<u64>, LogError> {
         Ok(self
-            .log
+            .tree()?
             .get(keys::dedupe(user, cid))?
             .and_then(|v| keys::u64_value(&v)))
     }
@@ -153,17 +261,19 @@ impl Store {
     ) -> impl Iterator<Item = Result<u64, LogError>> {
         let start = keys::inbox(user, after.saturating_add(1));
         let end = keys::inbox(user, upto);
-        let range = if after >= upto {
-            // An empty range; sled panics on start > end.
-            self.log.range(end.clone()..end)
-        } else {
-            self.log.range(start..=end)
-        };
-        range.map(|item| {
-            let (k, _) = item?;
-            keys::trailing_u64(&k).ok_or_else(|| LogError::Corrupt {
-                off: 0,
-                reason: "short inbox key".into(),
+        self.over_tree(move |log| {
+            let range = if after >= upto {
+                // An empty range; sled panics on start > end.
+                log.range(end.clone()..end)
+            } else {
+                log.range(start..=end)
+            };
+            range.map(|item| {
+                let (k, _) = item?;
+                keys::trailing_u64(&k).ok_or_else(|| LogError::Corrupt {
+                    off: 0,
+                    reason: "short inbox key".into(),
+                })
             })
         })
     }
@@ -203,7 +313,7 @@ impl Store {
         let end = keys::conv_seq(conv, end_seq);
         let mut offs = Vec::with_capacity(limit);
         let mut more = false;
-        for item in self.log.range(start..end).rev() {
+        for item in self.tree()?.range(start..end).rev() {
             let (_, v) = item?;
             if offs.len() == limit {
                 more = true;
@@ -232,16 +342,17 @@ impl Store {
 
     /// Records with `off > after`, in order (checksums checked).
     pub fn records(&self, after: u64) -> impl Iterator<Item = Result<Record, LogError>> {
-        self.log
-            .range(keys::event(after.saturating_add(1))..=keys::event(u64::MAX))
-            .map(|item| {
-                let (k, v) = item?;
-                let off = keys::event_off(&k).ok_or_else(|| LogError::Corrupt {
-                    off: 0,
-                    reason: "bad event key".into(),
-                })?;
-                decode_record(off, &v)
-            })
+        self.over_tree(move |log| {
+            log.range(keys::event(after.saturating_add(1))..=keys::event(u64::MAX))
+                .map(|item| {
+                    let (k, v) = item?;
+                    let off = keys::event_off(&k).ok_or_else(|| LogError::Corrupt {
+                        off: 0,
+                        reason: "bad event key".into(),
+                    })?;
+                    decode_record(off, &v)
+                })
+        })
     }
 
     /// Every entry under a key prefix (outbox, dead letters), in key order.
@@ -249,18 +360,21 @@ impl Store {
         &self,
         prefix: &[u8],
     ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), LogError>> {
-        self.log.scan_prefix(prefix).map(|r| {
-            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .map_err(LogError::from)
+        let prefix = prefix.to_vec();
+        self.over_tree(move |log| {
+            log.scan_prefix(prefix).map(|r| {
+                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(LogError::from)
+            })
         })
     }
 
     pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
-        Ok(self.log.get(key)?.map(|v| v.to_vec()))
+        Ok(self.tree()?.get(key)?.map(|v| v.to_vec()))
     }
 
     pub fn put_raw(&self, key: &[u8], value: &[u8]) -> Result<(), LogError> {
-        self.log.insert(key, value)?;
+        self.tree()?.insert(key, value)?;
         Ok(())
     }
 
@@ -271,7 +385,7 @@ impl Store {
         if let Some((k, v)) = moved {
             batch.insert(k, v);
         }
-        self.log.apply_batch(batch)?;
+        self.tree()?.apply_batch(batch)?;
         Ok(())
     }
 
@@ -279,13 +393,13 @@ impl Store {
     pub fn remove_prefix(&self, prefix: &[u8]) -> Result<usize, LogError> {
         let mut batch = sled::Batch::default();
         let mut n = 0;
-        for item in self.log.scan_prefix(prefix) {
+        for item in self.tree()?.scan_prefix(prefix) {
             let (k, _) = item?;
             batch.remove(k);
             n += 1;
         }
         if n > 0 {
-            self.log.apply_batch(batch)?;
+            self.tree()?.apply_batch(batch)?;
         }
         Ok(n)
     }
@@ -294,7 +408,7 @@ impl Store {
     /// Events below it are gone or about to be deleted.
     pub fn floor(&self) -> Result<u64, LogError> {
         Ok(self
-            .log
+            .tree()?
             .get(keys::FLOOR)?
             .and_then(|v| keys::u64_value(&v))
             .unwrap_or(1)
@@ -304,7 +418,7 @@ impl Store {
     /// Records a new floor (not durable until [`Store::flush`]). Only the sequencer calls
     /// this, so the floor it answers hellos with is the floor on disk.
     pub fn set_floor(&self, floor: u64) -> Result<(), LogError> {
-        self.log.insert(keys::FLOOR, &floor.to_be_bytes()[..])?;
+        self.tree()?.insert(keys::FLOOR, &floor.to_be_bytes()[..])?;
         Ok(())
     }
 
@@ -318,7 +432,11 @@ impl Store {
         }
         let mut batch = sled::Batch::default();
         let (mut n, mut bytes) = (0u64, 0u64);
-        for item in self.log.range(keys::event(0)..keys::event(floor)).take(max) {
+        for item in self
+            .tree()?
+            .range(keys::event(0)..keys::event(floor))
+            .take(max)
+        {
             let (k, v) = item?;
             let off = keys::event_off(&k).ok_or_else(|| LogError::Corrupt {
                 off: 0,
@@ -346,7 +464,7 @@ impl Store {
             bytes += v.len() as u64;
         }
         if n > 0 {
-            self.log.apply_batch(batch)?;
+            self.tree()?.apply_batch(batch)?;
         }
         Ok((n, bytes))
     }
@@ -354,7 +472,7 @@ impl Store {
     /// Encoded bytes of the record at `off` plus its index keys (an estimate of what one
     /// event costs in the store, before sled's own overhead); `None` when absent.
     pub fn record_bytes(&self, off: u64) -> Result<Option<u64>, LogError> {
-        let Some(v) = self.log.get(keys::event(off))? else {
+        let Some(v) = self.tree()?.get(keys::event(off))? else {
             return Ok(None);
         };
         let r = decode_record(off, &v)?;
@@ -374,17 +492,18 @@ impl Store {
 
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db().and_then(|db| Ok(db.size_on_disk()?)).unwrap_or(0)
     }
 
     /// The names of every sled tree of the database (`log`, sled's default tree, any other);
     /// the log tools copy them all.
-    pub fn tree_names(&self) -> Vec<Vec<u8>> {
-        self.db
+    pub fn tree_names(&self) -> Result<Vec<Vec<u8>>, LogError> {
+        Ok(self
+            .db()?
             .tree_names()
             .into_iter()
             .map(|n| n.to_vec())
-            .collect()
+            .collect())
     }
 
     /// Every entry of the tree `name`, in key order (raw bytes, nothing decoded).
@@ -393,7 +512,7 @@ impl Store {
         &self,
         name: &[u8],
     ) -> Result<impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), LogError>>, LogError> {
-        let tree = self.db.open_tree(name)?;
+        let tree = self.db()?.open_tree(name)?;
         Ok(tree.iter().map(|r| {
             r.map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .map_err(LogError::from)
@@ -402,7 +521,7 @@ impl Store {
 
     /// Writes raw entries into the tree `name` in one atomic batch (restoring a copy).
     pub fn import(&self, name: &[u8], entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), LogError> {
-        let tree = self.db.open_tree(name)?;
+        let tree = self.db()?.open_tree(name)?;
         let mut batch = sled::Batch::default();
         for (k, v) in entries {
             batch.insert(k.as_slice(), v.as_slice());
@@ -413,7 +532,7 @@ impl Store {
 
     /// [`Store::flush`] for callers outside a runtime (the offline log tools).
     pub fn flush_blocking(&self) -> Result<(), LogError> {
-        self.db.flush()?;
+        self.db()?.flush()?;
         Ok(())
     }
 }
@@ -519,10 +638,54 @@ mod tests {
     fn a_flipped_byte_is_caught_by_the_checksum() {
         let (_d, s) = open();
         s.append(&[msg(1, 1, "x")]).unwrap();
-        let mut v = s.log.get(keys::event(1)).unwrap().unwrap().to_vec();
+        let mut v = s
+            .tree()
+            .unwrap()
+            .get(keys::event(1))
+            .unwrap()
+            .unwrap()
+            .to_vec();
         let last = v.len() - 1;
         v[last] ^= 0x55;
-        s.log.insert(keys::event(1), v).unwrap();
+        s.tree().unwrap().insert(keys::event(1), v).unwrap();
         assert!(matches!(s.get(1), Err(LogError::Corrupt { off: 1, .. })));
+    }
+
+    #[tokio::test]
+    async fn a_reopen_is_seen_by_every_clone_and_keeps_what_was_flushed() {
+        let (_d, s) = open();
+        let other = s.clone();
+        s.append(&[msg(1, 1, "x")]).unwrap();
+        s.flush().await.unwrap();
+        s.reopen(Duration::from_secs(5)).unwrap();
+        assert!(other.is_open());
+        assert_eq!(other.get(1).unwrap().unwrap(), msg(1, 1, "x"));
+        other.append(&[msg(2, 2, "y")]).unwrap();
+        other.flush().await.unwrap();
+        assert_eq!(s.head().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_reopen_waits_for_an_iterator_of_the_old_opening_and_gives_up_at_its_timeout() {
+        let (_d, s) = open();
+        s.append(&[msg(1, 1, "x"), msg(2, 2, "y")]).unwrap();
+        s.flush().await.unwrap();
+        // An iterator keeps the old opening (and sled's directory lock) alive.
+        let mut held = s.records(0);
+        assert_eq!(held.next().unwrap().unwrap().off, 1);
+        let err = s.reopen(Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err, LogError::Locked { .. }), "{err}");
+        assert!(!s.is_open());
+        assert!(matches!(s.get(1), Err(LogError::Closed)));
+        assert!(matches!(s.records(0).next(), Some(Err(LogError::Closed))));
+        // The old opening still serves its iterator.
+        assert_eq!(held.next().unwrap().unwrap().off, 2);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        s.reopen(Duration::from_secs(10)).unwrap();
+        t.join().unwrap();
+        assert_eq!(s.head().unwrap(), 2);
     }
 }

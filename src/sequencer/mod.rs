@@ -314,7 +314,24 @@ pub struct Sequencer {
     last_ts: u64,
     /// The retention floor (see [`Command::SetFloor`]).
     floor: u64,
+    /// Set after a failed append, while State may hold records the log does not: until
+    /// [`Sequencer::recover`] succeeds no batch is written (all are answered `unavailable`).
+    recovery: Option<Recovery>,
 }
+
+/// What is left to do after a failed append.
+#[derive(Debug)]
+struct Recovery {
+    /// The failure came from storage: sled's I/O errors are sticky, so the store must be
+    /// closed and opened again before it takes writes.
+    reopen: bool,
+    last_try: Option<Instant>,
+}
+
+/// How long a reopen waits for the old opening's last handle (and sled's lock) to go.
+const REOPEN_WAIT: Duration = Duration::from_secs(2);
+/// How often a recovery that failed is tried again.
+const RECOVERY_RETRY: Duration = Duration::from_millis(500);
 
 impl Sequencer {
     /// A sequencer over `store`, with State rebuilt from it.
@@ -355,6 +372,7 @@ impl Sequencer {
             push_tx: None,
             last_ts,
             floor,
+            recovery: None,
         };
         s.arm_presence_after_restart();
         s.arm_calls_after_restart();
@@ -369,6 +387,9 @@ impl Sequencer {
     /// Runs until a [`Command::Stop`] (or every sender is gone).
     pub async fn run(mut self) {
         loop {
+            if self.recovery.is_some() {
+                self.recover().await;
+            }
             let next = tokio::select! {
                 biased;
                 cmd = self.rx.recv() => cmd.map(Next::Cmd).unwrap_or(Next::Closed),
@@ -577,7 +598,10 @@ impl Sequencer {
     /// Hands a copy of State (committed: nothing is pending here) to a blocking thread
     /// that writes it; one write at a time.
     fn snapshot_now(&mut self) {
-        if !self.pending.is_empty() || self.committed_head == self.last_snapshot {
+        if !self.pending.is_empty()
+            || self.committed_head == self.last_snapshot
+            || self.recovery.is_some()
+        {
             return;
         }
         if self.snapshot_job.as_ref().is_some_and(|j| !j.is_finished()) {
@@ -605,6 +629,9 @@ impl Sequencer {
         self.pending_dedupe.clear();
         let result = if records.is_empty() {
             Ok(())
+        } else if self.recovery.is_some() {
+            // Built on a State that may not be the log's: never written.
+            Err(LogError::Closed)
         } else {
             let t0 = Instant::now();
             let r = self.append(&records, &jobs).await;
@@ -621,16 +648,14 @@ impl Sequencer {
                     self.send_answer(to, Err(err.clone()));
                 }
             }
-            // From the newest snapshot and the tail (what a restart does; a full replay
-            // cannot start below a retention floor).
-            let dir = self.settings.snapshot_dir.clone();
-            match crate::snapshot::load(&self.store, &dir).map(|(state, _)| state) {
-                Ok(state) => {
-                    self.state = state;
-                    self.committed_head = self.state.head;
-                }
-                Err(e) => tracing::error!(error = %e, "state rebuild failed"),
-            }
+            let storage = matches!(e, LogError::Sled(_) | LogError::Closed);
+            let r = self.recovery.get_or_insert(Recovery {
+                reopen: false,
+                last_try: None,
+            });
+            r.reopen |= storage;
+            r.last_try = None;
+            self.recover().await;
             return;
         }
         if let Some(tx) = &self.push_tx {
@@ -648,12 +673,7 @@ impl Sequencer {
         for effect in effects {
             match effect {
                 Effect::Deliver { idx } => {
-                    let r = &records[idx];
-                    let wire = r.wire();
-                    let mut enc = Encoded::new(&wire);
-                    let (n, d) =
-                        self.registry
-                            .deliver(&r.to, r.event.devices(), Some(r.off), &mut enc);
+                    let (n, d) = self.deliver(&records[idx]);
                     reached[idx] = n;
                     dead.extend(d);
                 }
@@ -682,6 +702,102 @@ impl Sequencer {
                 }
             }
         }
+        self.shared.head.send_replace(self.committed_head);
+        for id in dead {
+            self.drop_session(id);
+        }
+    }
+
+    /// Fans a durable record out to every live device of its audience; returns how many
+    /// sessions it reached and the sessions whose queue was full.
+    fn deliver(&self, r: &Record) -> (usize, Vec<SessionId>) {
+        let wire = r.wire();
+        let mut enc = Encoded::new(&wire);
+        self.registry
+            .deliver(&r.to, r.event.devices(), Some(r.off), &mut enc)
+    }
+
+    /// Brings State back to the log after a failed append: reopens the store first when the
+    /// failure came from storage, then loads the newest snapshot and replays the tail (what
+    /// a restart does). Records of the failed batch that did reach the disk before the
+    /// error (their senders were told `unavailable`; a resend with the same `cid` finds
+    /// them) are fanned out now, so live sessions see no gap. On failure it stays in
+    /// recovery and is tried again, at most every [`RECOVERY_RETRY`].
+    async fn recover(&mut self) {
+        let Some(r) = &mut self.recovery else {
+            return;
+        };
+        if r.last_try.is_some_and(|t| t.elapsed() < RECOVERY_RETRY) {
+            return;
+        }
+        r.last_try = Some(Instant::now());
+        if r.reopen {
+            let store = self.store.clone();
+            let t0 = Instant::now();
+            let reopened = tokio::task::spawn_blocking(move || store.reopen(REOPEN_WAIT))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(LogError::Corrupt {
+                        off: 0,
+                        reason: format!("reopen task: {e}"),
+                    })
+                });
+            let ms = t0.elapsed().as_millis() as u64;
+            match reopened {
+                Ok(()) => {
+                    metrics::counter!(m::STORE_REOPENS, "outcome" => "ok").increment(1);
+                    tracing::warn!(ms, "store reopened after a storage error");
+                    r.reopen = false;
+                }
+                Err(e) => {
+                    metrics::counter!(m::STORE_REOPENS, "outcome" => "failed").increment(1);
+                    tracing::error!(error = %e, ms, "store reopen failed; writes are refused until a retry succeeds");
+                    return;
+                }
+            }
+        }
+        let dir = self.settings.snapshot_dir.clone();
+        let state = match crate::snapshot::load(&self.store, &dir) {
+            Ok((state, _)) => state,
+            Err(e) => {
+                tracing::error!(error = %e, "state rebuild failed; writes are refused until a retry succeeds");
+                if let (
+                    crate::snapshot::SnapshotError::Log(LogError::Sled(_) | LogError::Closed),
+                    Some(r),
+                ) = (&e, self.recovery.as_mut())
+                {
+                    r.reopen = true;
+                }
+                return;
+            }
+        };
+        let before = self.committed_head;
+        self.state = state;
+        self.committed_head = self.state.head;
+        self.last_ts = self.last_ts.max(self.state.last_ts);
+        self.recovery = None;
+        if self.committed_head < before {
+            // Only possible when acks do not wait for the disk (`log.durability` other
+            // than `flush`): what was acked but not yet flushed is gone, as after a crash.
+            tracing::error!(
+                lost = before - self.committed_head,
+                head = self.committed_head,
+                "events acknowledged before the storage error did not reach the disk"
+            );
+        }
+        let mut dead = Vec::new();
+        for off in before + 1..=self.committed_head {
+            match self.store.get(off) {
+                Ok(Some(r)) => dead.extend(self.deliver(&r).1),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, off, "cannot read a recovered event"),
+            }
+        }
+        tracing::info!(
+            head = self.committed_head,
+            recovered = self.committed_head.saturating_sub(before),
+            "state rebuilt from the log"
+        );
         self.shared.head.send_replace(self.committed_head);
         for id in dead {
             self.drop_session(id);

@@ -99,7 +99,7 @@ impl Sequencer {
     /// have been silent past `stale_after` are ended; users State shows online with no
     /// device and no pending grace timer are published offline. Returns (sessions, users).
     pub(super) fn sweep(&mut self) -> (usize, usize) {
-        let now = now_ms();
+        let now = crate::clock::mono_ms();
         let stale_ms = self.settings.stale_after.as_millis() as u64;
         let stale: Vec<u64> = self
             .registry

@@ -31,9 +31,10 @@ fn handle(id: u64, user: &str) -> (SessionHandle, Arc<SessionCtl>) {
         codec: Codec::Json,
         ctl: ctl.clone(),
     };
-    h.ctl
-        .last_heard_ms
-        .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    h.ctl.last_heard_ms.store(
+        crate::clock::mono_ms(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     (h, ctl)
 }
 
@@ -58,7 +59,10 @@ async fn sweep_ends_a_silent_session() {
     let (h, _rx) = handle(1, "alice");
     h.ctl
         .last_heard_ms
-        .store(1, std::sync::atomic::Ordering::Relaxed);
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    // Silent for longer than stale_after on the monotonic clock.
+    s.settings.stale_after = std::time::Duration::from_millis(1);
+    std::thread::sleep(std::time::Duration::from_millis(5));
     let ctl = h.ctl.clone();
     s.registry.insert(h);
     assert_eq!(s.sweep(), (1, 0));
