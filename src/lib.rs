@@ -120,6 +120,10 @@ impl Broker {
             config.log.durability,
             config.log.flush_interval_ms,
         )?;
+        log::check::check_watermark(&store).map_err(|e| match e {
+            e @ log::LogError::Corrupt { .. } => Error::Damaged(e),
+            e => Error::Log(e),
+        })?;
         if config.storage.check_on_start == config::CheckOnStart::All {
             let t0 = Instant::now();
             let store = store.clone();

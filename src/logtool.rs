@@ -784,6 +784,9 @@ pub fn verify(
     check_snapshots(store, &snaps, rep.head, rep.floor <= 1, &mut |f| {
         fault(&mut rep, f)
     })?;
+    if let Err(LogError::Corrupt { reason, off }) = crate::log::check::check_watermark(store) {
+        fault(&mut rep, format!("event {off}: {reason}"));
+    }
     Ok(rep)
 }
 
@@ -1024,6 +1027,11 @@ pub fn copy_store(
         }
     }
     dst.flush_blocking()?;
+    if rep.head > 0 {
+        // The copy is flushed: its head is durable, so it carries its own watermark and
+        // start-up will refuse the copy too if its data file later loses its tail.
+        crate::log::watermark::write(target, rep.head).map_err(io("writing the watermark"))?;
+    }
     rep.snapshots = copy_snapshots(src_dir, target, upto)?;
     let check = verify(&dst, Some(&crate::snapshot::dir_of(target)), |_| {})?;
     if let Some(first) = check.faults.first() {

@@ -349,6 +349,13 @@ async fn a_backup_taken_under_load_restores_the_same_history() {
     );
     let (st, out, _) = log(&["verify", "--dir", &s(&backup)]).await;
     assert!(st.success(), "verify of the backup: {out}");
+    // It carries its own durable watermark at its head (start-up refuses it if it shrinks).
+    let wm = std::fs::read(backup.join("watermark")).expect("the backup has a watermark");
+    assert_eq!(
+        wm.get(..8),
+        Some(&h.to_be_bytes()[..]),
+        "watermark at the head"
+    );
 
     // A second backup into the same directory is refused.
     let (st, _, err) = log(&[

@@ -85,6 +85,34 @@ pub fn check_all(
     Ok(c)
 }
 
+/// Refuses a log whose head is below the durable watermark (events flushed, acked, then
+/// lost: sled drops a damaged tail without an error). Cheap; start-up runs it whatever
+/// `storage.check_on_start` says. A damaged watermark file is logged and ignored.
+pub fn check_watermark(store: &Store) -> Result<(), LogError> {
+    match super::watermark::read(store.dir()) {
+        super::watermark::Read::Absent => Ok(()),
+        super::watermark::Read::Damaged(reason) => {
+            tracing::warn!(reason, path = %super::watermark::path(store.dir()).display(), "watermark file unreadable; ignored");
+            Ok(())
+        }
+        super::watermark::Read::Offset(w) => {
+            let head = store.head()?;
+            if head < w {
+                return Err(LogError::Corrupt {
+                    off: head + 1,
+                    reason: format!(
+                        "missing: the log ends at offset {head} but offset {w} was flushed \
+                         (watermark {}); the data file lost its tail (damaged, truncated or \
+                         rolled back)",
+                        super::watermark::path(store.dir()).display()
+                    ),
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
 /// The offset (from its name) and path of the newest snapshot file.
 fn newest_snapshot(dir: &Path) -> Option<(u64, std::path::PathBuf)> {
     crate::snapshot::list(dir)

@@ -140,6 +140,11 @@ impl Store {
         }
     }
 
+    /// The directory the store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
     /// Whether the database is open (false while a reopen is under way or after one failed).
     pub fn is_open(&self) -> bool {
         self.read_lock().is_some()

@@ -186,6 +186,8 @@ enum Timer {
         user: String,
         gen: u64,
     },
+    /// Time to write the durable watermark (see [`crate::log::watermark`]).
+    Watermark,
 }
 
 /// Where an answer goes.
@@ -317,6 +319,11 @@ pub struct Sequencer {
     /// Set after a failed append, while State may hold records the log does not: until
     /// [`Sequencer::recover`] succeeds no batch is written (all are answered `unavailable`).
     recovery: Option<Recovery>,
+    /// The offset in the watermark file (or being written to it), and whether a
+    /// [`Timer::Watermark`] is armed.
+    watermark: u64,
+    watermark_armed: bool,
+    watermark_job: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// What is left to do after a failed append.
@@ -330,6 +337,8 @@ struct Recovery {
 
 /// How long a reopen waits for the old opening's last handle (and sled's lock) to go.
 const REOPEN_WAIT: Duration = Duration::from_secs(2);
+/// The watermark trails the flushed head by at most this much.
+const WATERMARK_EVERY: Duration = Duration::from_secs(1);
 /// How often a recovery that failed is tried again.
 const RECOVERY_RETRY: Duration = Duration::from_millis(500);
 
@@ -373,6 +382,9 @@ impl Sequencer {
             last_ts,
             floor,
             recovery: None,
+            watermark: 0,
+            watermark_armed: false,
+            watermark_job: None,
         };
         s.arm_presence_after_restart();
         s.arm_calls_after_restart();
@@ -408,6 +420,7 @@ impl Sequencer {
                             tracing::error!(error = %e, "final flush failed");
                         }
                         self.final_snapshot().await;
+                        self.final_watermark().await;
                         let _ = stop.send(());
                         return;
                     }
@@ -559,6 +572,13 @@ impl Sequencer {
         while !self.effects.is_empty() {
             self.commit_once().await;
         }
+        if self.settings.durability == Durability::Flush
+            && self.committed_head > self.watermark
+            && !self.watermark_armed
+        {
+            self.timers.insert(Timer::Watermark, WATERMARK_EVERY);
+            self.watermark_armed = true;
+        }
         let every = self.settings.snapshot_every;
         if every > 0 && self.committed_head >= self.last_snapshot + every {
             self.snapshot_now();
@@ -575,6 +595,45 @@ impl Sequencer {
             if let Some(j) = self.snapshot_job.take() {
                 let _ = j.await;
             }
+        }
+    }
+
+    /// Writes the flushed head to the watermark file on a blocking thread, one write at a
+    /// time (a write still under way re-arms the timer). Only with `durability = flush`,
+    /// where the committed head is the flushed head.
+    fn write_watermark(&mut self) {
+        if self.recovery.is_some() || self.committed_head <= self.watermark {
+            return;
+        }
+        if self
+            .watermark_job
+            .as_ref()
+            .is_some_and(|j| !j.is_finished())
+        {
+            self.timers.insert(Timer::Watermark, WATERMARK_EVERY);
+            self.watermark_armed = true;
+            return;
+        }
+        let (dir, off) = (self.store.dir().to_path_buf(), self.committed_head);
+        self.watermark = off;
+        self.watermark_job = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::log::watermark::write(&dir, off) {
+                tracing::error!(error = %e, off, "watermark write failed");
+            }
+        }));
+    }
+
+    /// At shutdown, after the final flush: the watermark at the final head.
+    async fn final_watermark(&mut self) {
+        if self.settings.durability != Durability::Flush {
+            return;
+        }
+        if let Some(j) = self.watermark_job.take() {
+            let _ = j.await;
+        }
+        self.write_watermark();
+        if let Some(j) = self.watermark_job.take() {
+            let _ = j.await;
         }
     }
 
@@ -853,6 +912,10 @@ impl Sequencer {
             Timer::TimeWarning { call } => self.time_warning(&call),
             Timer::TimeLimit { call } => self.time_limit(&call),
             Timer::CallDrop { user, gen } => self.call_drop(&user, gen),
+            Timer::Watermark => {
+                self.watermark_armed = false;
+                self.write_watermark();
+            }
         }
     }
 
