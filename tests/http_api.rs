@@ -365,13 +365,35 @@ async fn room_create_is_201_then_409_for_the_same_id_and_400_for_a_bad_id() {
         )
         .await;
     assert_eq!(r.status, 201, "{}", r.text);
-    for user in [&alice, &bob] {
-        let e = ac.next_where("room.member", "user", user.as_str()).await;
-        assert_eq!(e["change"], json!("joined"), "{e}");
-        assert_eq!(e["room"], json!(room), "{e}");
-        assert_eq!(e["conv"], json!(format!("room:{room}")), "{e}");
-        assert!(e["off"].is_u64(), "{e}");
-    }
+    // Alice gets her own `joined`, not Bob's: the next room.member she sees after hers is
+    // Carol's, added later (creation is O(members), not O(members^2)).
+    let e = ac.next_event("room.member", |_| true).await;
+    assert_eq!(e["user"], json!(alice), "{e}");
+    assert_eq!(e["change"], json!("joined"), "{e}");
+    assert_eq!(e["room"], json!(room), "{e}");
+    assert_eq!(e["conv"], json!(format!("room:{room}")), "{e}");
+    assert!(e["off"].is_u64(), "{e}");
+    let carol = uid("carol");
+    let r = b
+        .http()
+        .put(&format!("/v1/rooms/{room}/members/{carol}"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let e = ac.next_event("room.member", |_| true).await;
+    assert_eq!(e["user"], json!(carol), "{e}");
+    // The roster is one GET away.
+    let r = b.http().get(&format!("/v1/rooms/{room}")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let info = r.json();
+    let mut want = vec![alice.clone(), bob.clone(), carol.clone()];
+    want.sort();
+    assert_eq!(info["members"], json!(want), "{info}");
+    assert_eq!(info["name"], json!("Ops"), "{info}");
+    assert_eq!(info["conv"], json!(format!("room:{room}")), "{info}");
+    b.http()
+        .get("/v1/rooms/no-such-room")
+        .await
+        .assert_error(404, "not_found");
     b.http()
         .post(
             "/v1/rooms",

@@ -23,9 +23,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 const FAST: usize = 1000;
-/// Fast readers are this many devices of each of `FAST / DEVICES` users: a room of 1,000
-/// users costs a million index entries at creation (every `room.member` event goes to every
-/// member), which is not what this test is about.
+/// Fast readers are this many devices of each of `FAST / DEVICES` users: fewer users keep
+/// room set-up and presence fan-out small, which is not what this test is about.
 const DEVICES: usize = 10;
 const ROUND: usize = 20;
 const MAX_MESSAGES: usize = 3000;

@@ -151,6 +151,16 @@ async fn dispatch(req: Request<Incoming>, gw: &Arc<Gateway>) -> Result<Response<
             )
             .await
         }
+        (Method::GET, ["rooms", room]) => {
+            check_id("room", room, MAX_ID_LEN)?;
+            call(
+                gw,
+                ApiCmd::Room {
+                    room: room.to_string(),
+                },
+            )
+            .await
+        }
         (Method::PUT, ["rooms", room, "members", user])
         | (Method::DELETE, ["rooms", room, "members", user]) => {
             check_id("room", room, MAX_ID_LEN)?;
@@ -248,6 +258,7 @@ fn allowed_methods(route: &[&str]) -> Option<&'static str> {
         | ["rooms", _, "messages"]
         | ["admin", "backup"] => Some("POST"),
         ["users", _, "presence"]
+        | ["rooms", _]
         | ["conversations", _, "messages"]
         | ["events"]
         | ["connections"]

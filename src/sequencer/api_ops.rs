@@ -12,7 +12,7 @@ use crate::log::event::{
 };
 use crate::protocol::frames::Platform;
 use crate::protocol::{CloseCode, ProtoError};
-use crate::state::ConvId;
+use crate::state::{ConvId, ConvKind};
 
 fn ok(body: Value) -> ApiResult {
     Ok(ApiReply { status: 200, body })
@@ -82,6 +82,7 @@ impl Sequencer {
                 ok(json!({"user": user, "closed": ids.len()}))
             }
             ApiCmd::Presence { user } => ok(self.presence_of(&user)),
+            ApiCmd::Room { room } => self.room_info(room),
             ApiCmd::Connections => {
                 let mut by_platform: BTreeMap<&str, usize> =
                     Platform::ALL.iter().map(|p| (p.as_str(), 0)).collect();
@@ -154,9 +155,12 @@ impl Sequencer {
                 members: members.clone(),
             }),
         );
+        // Each initial member gets their own `joined` (protocol rule 22), not everyone's:
+        // addressing all M of them to all M members made creation O(M^2) in index entries
+        // (a million for a room of 1,000). The roster is in `room.created` and `GET /v1/rooms/{id}`.
         for user in &members {
             self.emit(
-                members.clone(),
+                vec![user.clone()],
                 Event::RoomMember(RoomMemberEv {
                     room: id.clone(),
                     conv: conv_s.clone(),
@@ -169,6 +173,19 @@ impl Sequencer {
             status: 201,
             body: json!({"id": id, "conv": conv_s, "name": name, "members": members, "off": off}),
         })
+    }
+
+    fn room_info(&self, room: String) -> ApiResult {
+        let conv = ConvId::Room(room.clone()).to_string();
+        match self.state.convs.get(&conv).map(|c| &c.kind) {
+            Some(ConvKind::Room { name, members, .. }) => ok(json!({
+                "id": room,
+                "conv": conv,
+                "name": name,
+                "members": members,
+            })),
+            _ => Err(ProtoError::not_found(format!("no such room {conv}"))),
+        }
     }
 
     fn member(&mut self, room: String, user: String, change: MemberChange) -> ApiResult {

@@ -55,6 +55,10 @@ pub enum ApiCmd {
     Presence {
         user: String,
     },
+    /// A room's name and members.
+    Room {
+        room: String,
+    },
     Connections,
     History {
         conv: String,
