@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 use crate::log::event::Devices;
 use crate::outbox::{Outbox, PushError};
@@ -54,8 +53,9 @@ pub struct SessionStart {
 pub struct SessionCtl {
     /// What the session writes to its socket, in order.
     pub outbox: Outbox,
+    /// The requested close code (0: none). Requests wake the session through the outbox's
+    /// `Notify`, so an idle session waits on one future for both.
     close: AtomicU16,
-    notify: Notify,
     /// [`crate::clock::mono_ms`] of the last frame received (monotonic: a wall clock step
     /// must not make every session look silent).
     pub last_heard_ms: AtomicU64,
@@ -72,7 +72,6 @@ impl SessionCtl {
         SessionCtl {
             outbox: Outbox::new(queue_capacity),
             close: AtomicU16::new(0),
-            notify: Notify::new(),
             last_heard_ms: AtomicU64::new(0),
             token_exp: AtomicU64::new(0),
             written_off: AtomicU64::new(0),
@@ -86,7 +85,7 @@ impl SessionCtl {
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.notify.notify_one();
+            self.outbox.wake();
         }
     }
 
@@ -99,15 +98,29 @@ impl SessionCtl {
         self.close.load(Ordering::Acquire)
     }
 
-    /// Resolves when a close is requested.
-    pub async fn closed(&self) {
+    /// Waits for a close request or, when `take` is set, the next queued item; a close
+    /// request comes first. Cancel-safe: an item is only taken when it is returned.
+    pub async fn next(&self, take: bool) -> Next {
         loop {
-            if self.close_code() != 0 {
-                return;
+            let code = self.close_code();
+            if code != 0 {
+                return Next::Close(code);
             }
-            self.notify.notified().await;
+            if take {
+                if let Some(item) = self.outbox.try_pop() {
+                    return Next::Item(item);
+                }
+            }
+            self.outbox.woken().await;
         }
     }
+}
+
+/// What [`SessionCtl::next`] woke for.
+#[derive(Debug)]
+pub enum Next {
+    Close(u16),
+    Item(Outbound),
 }
 
 /// A registered session as the sequencer sees it.
@@ -279,4 +292,55 @@ fn push(h: &SessionHandle, item: Outbound) -> Result<(), PushFail> {
         PushError::Full => PushFail::Full,
         PushError::Closed => PushFail::Gone,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn frame(b: u8) -> Outbound {
+        Outbound::Frame(Bytes::from(vec![b]))
+    }
+
+    #[tokio::test]
+    async fn a_close_request_comes_before_queued_items() {
+        let ctl = SessionCtl::new(8);
+        ctl.outbox.push(frame(1)).unwrap();
+        ctl.close(4008);
+        assert!(matches!(ctl.next(true).await, Next::Close(4008)));
+        // The first request wins.
+        ctl.close(4000);
+        assert_eq!(ctl.close_code(), 4008);
+    }
+
+    #[tokio::test]
+    async fn a_session_not_taking_items_still_wakes_for_a_close() {
+        let ctl = Arc::new(SessionCtl::new(8));
+        let c2 = ctl.clone();
+        let waiter = tokio::spawn(async move { c2.next(false).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // An item does not end a wait that does not take items...
+        ctl.outbox.push(frame(1)).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        // ...a close request does.
+        ctl.close(4008);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert!(matches!(got, Ok(Ok(Next::Close(4008)))));
+        assert_eq!(ctl.outbox.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn items_come_in_order_when_taken() {
+        let ctl = SessionCtl::new(8);
+        ctl.outbox.push(frame(1)).unwrap();
+        ctl.outbox.push(frame(2)).unwrap();
+        for want in [1u8, 2] {
+            match ctl.next(true).await {
+                Next::Item(Outbound::Frame(b)) => assert_eq!(b[0], want),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
 }

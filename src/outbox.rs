@@ -97,6 +97,17 @@ impl Outbox {
         }
     }
 
+    /// Wakes the consumer without an item (a permit is kept if it is not waiting).
+    pub fn wake(&self) {
+        self.ready.notify_one();
+    }
+
+    /// Resolves at the next push or [`Outbox::wake`] (or at once for one made while nobody
+    /// waited). For a consumer that checks its own conditions around it.
+    pub async fn woken(&self) {
+        self.ready.notified().await;
+    }
+
     /// Items waiting.
     pub fn len(&self) -> usize {
         self.lock().items.len()

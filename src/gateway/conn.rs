@@ -93,7 +93,8 @@ pub struct Conn<S> {
     /// Read but not yet parsed; `rbuf[rpos..]` is unparsed.
     rbuf: Vec<u8>,
     rpos: usize,
-    partial: Option<Partial>,
+    /// Boxed: fragmented messages are rare, and an idle session should not hold their room.
+    partial: Option<Box<Partial>>,
     /// Written to the socket up to `wpos`.
     wbuf: Vec<u8>,
     wpos: usize,
@@ -246,14 +247,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     return Err(ReadError::protocol("new message inside a fragmented one"));
                 }
                 let text = opcode == OpCode::Text;
-                let mut p = Partial {
+                let mut p = Box::new(Partial {
                     text,
                     data: payload.to_vec(),
                     valid: 0,
-                };
+                });
                 check_utf8(&mut p, fin)?;
                 if fin {
-                    return Ok(Some(p.into_message()));
+                    return Ok(Some((*p).into_message()));
                 }
                 self.partial = Some(p);
                 Ok(None)
@@ -268,7 +269,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 p.data.extend_from_slice(payload);
                 check_utf8(&mut p, fin)?;
                 if fin {
-                    return Ok(Some(p.into_message()));
+                    return Ok(Some((*p).into_message()));
                 }
                 self.partial = Some(p);
                 Ok(None)

@@ -227,12 +227,15 @@ fn upgrade(mut req: Request<Incoming>, gw: Arc<Gateway>, endpoint: Endpoint) -> 
     };
     let id = gw.next_session.fetch_add(1, Ordering::Relaxed);
     let gw2 = gw.clone();
-    gw.tracker.spawn(async move {
-        match fut.await {
-            Ok(ws) => session::run(ws.into_inner(), gw2, codec, bearer, id).await,
-            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-        }
-    });
+    let f = async move {
+        // Nothing of the upgrade outlives this statement, so the task holds only the session.
+        let io = match fut.await {
+            Ok(ws) => ws.into_inner(),
+            Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
+        };
+        session::run(io, gw2, codec, bearer, id).await
+    };
+    gw.tracker.spawn(f);
     let (mut parts, _) = resp.into_parts();
     if let Some(p) = chosen {
         parts

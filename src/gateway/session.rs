@@ -31,7 +31,7 @@ use super::rate::{RateLimiter, Verdict};
 use super::wire::OpCode;
 use super::Gateway;
 use crate::clock::mono_ms;
-use crate::fanout::{Outbound, SessionCtl, SessionHandle, SessionId, SessionStart};
+use crate::fanout::{Next, Outbound, SessionCtl, SessionHandle, SessionId, SessionStart};
 use crate::protocol::frames::{parse_frame, ClientOp};
 use crate::protocol::{CloseCode, Codec, ErrorCode, ProtoError};
 use crate::sequencer::{encode_reply, now_ms, Command, HelloCmd};
@@ -52,7 +52,17 @@ const REPLAY_SLICE: usize = 256;
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Runs a session to its end.
-pub async fn run(io: Io, gw: Arc<Gateway>, codec: Codec, bearer: Option<String>, id: SessionId) {
+///
+/// The session is built before the future exists: a future keeps its arguments for its
+/// whole life beside whatever they are moved into, and every idle session pays for the
+/// task's size, so the only thing this future captures is the [`Session`] itself.
+pub fn run(
+    io: Io,
+    gw: Arc<Gateway>,
+    codec: Codec,
+    bearer: Option<String>,
+    id: SessionId,
+) -> impl std::future::Future<Output = ()> + Send {
     let ctl = Arc::new(SessionCtl::new(gw.config.limits.outbound_queue));
     ctl.last_heard_ms.store(mono_ms(), Ordering::Relaxed);
     let lim = &gw.config.limits;
@@ -64,7 +74,7 @@ pub async fn run(io: Io, gw: Arc<Gateway>, codec: Codec, bearer: Option<String>,
     );
     let mut s = Session {
         conn: Conn::new(io, lim.max_frame_bytes),
-        gw: gw.clone(),
+        gw,
         codec,
         id,
         ctl,
@@ -75,15 +85,24 @@ pub async fn run(io: Io, gw: Arc<Gateway>, codec: Codec, bearer: Option<String>,
         queued_off: 0,
         written_off: 0,
     };
-    s.run().await;
-    s.ctl.outbox.close();
-    if s.written_off > 0 {
-        s.ctl
-            .written_off
-            .fetch_max(s.written_off, Ordering::Relaxed);
-    }
-    drop(s);
-    let _ = gw.commands.send(Command::Goodbye { session: id }).await;
+    // Not an `async fn live(self)`: an async fn keeps its by-value arguments twice (as
+    // captured and as moved into its body), and that would be a second `Session`. The
+    // block below uses the captured `s` in place.
+    let f = async move {
+        s.run().await;
+        s.ctl.outbox.close();
+        if s.written_off > 0 {
+            s.ctl
+                .written_off
+                .fetch_max(s.written_off, Ordering::Relaxed);
+        }
+        let (gw, id) = (s.gw.clone(), s.id);
+        drop(s);
+        // Boxed: a send holds a whole `Command` and a semaphore wait, and only a session
+        // that has ended should pay for that room.
+        let _ = Box::pin(gw.commands.send(Command::Goodbye { session: id })).await;
+    };
+    f
 }
 
 /// What a turn of the session loop woke for.
@@ -92,7 +111,7 @@ enum Wake {
     Drained,
     Queue(Outbound),
     Timer,
-    CloseRequested,
+    CloseRequested(u16),
     Shutdown,
 }
 
@@ -144,6 +163,12 @@ impl Session {
         let timer = sleep_until(hello_deadline.min(next_ping));
         tokio::pin!(timer);
         let end = loop {
+            // Checked here, not only in the select: a client that floods keeps the socket
+            // branch ready, and a close request must still win.
+            let code = self.ctl.close_code();
+            if code != 0 {
+                break End::Close(code);
+            }
             if let Err(()) = self.fill_replay() {
                 break End::Gone;
             }
@@ -156,21 +181,23 @@ impl Session {
             let want_drain = !room && self.conn.backlog() > 0;
             let wake = tokio::select! {
                 biased;
-                _ = self.ctl.closed() => Wake::CloseRequested,
                 _ = self.gw.shutdown.cancelled() => Wake::Shutdown,
                 r = poll_fn(|cx| self.conn.poll_io(cx, want_drain)) => match r {
                     Ok(Some(msg)) => Wake::Read(Ok(msg)),
                     Ok(None) => Wake::Drained,
                     Err(e) => Wake::Read(Err(e)),
                 },
-                item = self.ctl.outbox.pop(), if room => Wake::Queue(item),
+                next = self.ctl.next(room) => match next {
+                    Next::Item(item) => Wake::Queue(item),
+                    Next::Close(code) => Wake::CloseRequested(code),
+                },
                 _ = &mut timer => Wake::Timer,
             };
             if self.conn.backlog() == 0 {
                 self.written_off = self.queued_off;
             }
             match wake {
-                Wake::CloseRequested => break End::Close(self.ctl.close_code()),
+                Wake::CloseRequested(code) => break End::Close(code),
                 Wake::Shutdown => break End::Close(CloseCode::ShuttingDown.code()),
                 Wake::Drained => {}
                 Wake::Queue(item) => {
