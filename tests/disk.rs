@@ -40,20 +40,6 @@ async fn reload(s: &ServerProcess) {
     assert!(last.contains("storage.max_bytes"), "{last}");
 }
 
-async fn metric(s: &ServerProcess, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", s.ep().base_url()))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_acks_nothing_and_takes_writes_again_when_the_limit_is_raised() {
     let mut s = ServerProcess::new();
@@ -88,7 +74,7 @@ async fn a_full_store_acks_nothing_and_takes_writes_again_when_the_limit_is_rais
             "{r}"
         );
     }
-    assert!(metric(&s, "switchboard_log_full_total").await >= 2.0);
+    assert!(s.metric("switchboard_log_full_total").await >= 2.0);
     // Reads still work while writes are refused.
     a.ok("history", json!({"conv": dm(&alice, &bob)})).await;
 

@@ -79,20 +79,6 @@ async fn fiu_ctrl(s: &ServerProcess, command: &str) {
     );
 }
 
-async fn metric(s: &ServerProcess, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", s.ep().base_url()))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-}
-
 /// Sends until acked (the broker may still be recovering); returns the ack.
 async fn send_until_acked(c: &Client, to: &str, cid: &str, s: &ServerProcess) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -147,7 +133,7 @@ async fn a_fault_acks_nothing_and_the_broker_recovers(
         );
         refused.push(cid);
     }
-    assert!(metric(&s, "switchboard_append_failures_total").await >= 1.0);
+    assert!(s.metric("switchboard_append_failures_total").await >= 1.0);
     // Nothing of a refused send is delivered while the fault lasts.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let during: Vec<Value> = messages(&b.all(), None);
@@ -166,7 +152,9 @@ async fn a_fault_acks_nothing_and_the_broker_recovers(
         acks.push(send_until_acked(&a, &bob, cid, &s).await);
     }
     assert!(
-        metric(&s, "switchboard_store_reopens_total{outcome=\"ok\"}").await >= 1.0,
+        s.metric("switchboard_store_reopens_total{outcome=\"ok\"}")
+            .await
+            >= 1.0,
         "{}",
         s.log()
     );

@@ -1476,6 +1476,22 @@ impl ServerProcess {
         }
     }
 
+    /// The value of the first `/metrics` line starting with `name` (a metric name, with its
+    /// labels if it has any).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.ep().base_url()))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+    }
+
     /// SIGKILL and reap.
     pub async fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
