@@ -95,13 +95,5 @@ async fn a_full_store_acks_nothing_and_takes_writes_again_when_the_limit_is_rais
         .count();
     assert_eq!(c2s, 1, "only the acked c2 was delivered");
 
-    s.send_sigterm();
-    assert!(s.wait_exit(Duration::from_secs(20)).await.success());
-    let dir = s.data_dir.display().to_string();
-    let (st, out, err) = run_to_end(
-        s.command(&["log", "verify", "--dir", &dir], &[]),
-        Duration::from_secs(60),
-    )
-    .await;
-    assert!(st.success(), "{out}{err}");
+    s.stop_and_verify().await;
 }

@@ -183,15 +183,7 @@ async fn a_fault_acks_nothing_and_the_broker_recovers(
     assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
 
     // The same history after a restart, and the log verifies.
-    s.send_sigterm();
-    assert!(s.wait_exit(Duration::from_secs(20)).await.success());
-    let dir = s.data_dir.display().to_string();
-    let (st, out, err) = run_to_end(
-        s.command(&["log", "verify", "--dir", &dir], &[]),
-        Duration::from_secs(60),
-    )
-    .await;
-    assert!(st.success(), "{out}{err}");
+    s.stop_and_verify().await;
     s.extra_env.clear();
     s.start().await;
     let a = s.ep().connect(&alice, "a1").await;

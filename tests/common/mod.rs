@@ -1492,6 +1492,19 @@ impl ServerProcess {
             .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
     }
 
+    /// SIGTERM, a clean exit, then `switchboard log verify` on the data directory passes.
+    pub async fn stop_and_verify(&mut self) {
+        self.send_sigterm();
+        assert!(self.wait_exit(Duration::from_secs(20)).await.success());
+        let dir = self.data_dir.display().to_string();
+        let (st, out, err) = run_to_end(
+            self.command(&["log", "verify", "--dir", &dir], &[]),
+            Duration::from_secs(60),
+        )
+        .await;
+        assert!(st.success(), "log verify: {out}{err}");
+    }
+
     /// SIGKILL and reap.
     pub async fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
