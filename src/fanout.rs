@@ -332,6 +332,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_push_wakes_a_waiting_next_and_a_cancelled_next_loses_nothing() {
+        let ctl = Arc::new(SessionCtl::new(8));
+        // A wait raced against a timer and dropped: nothing is taken.
+        tokio::select! {
+            _ = ctl.next(true) => panic!("nothing was queued"),
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+        let c2 = ctl.clone();
+        let waiter = tokio::spawn(async move { c2.next(true).await });
+        tokio::task::yield_now().await;
+        ctl.outbox.push(frame(9)).unwrap();
+        let got = waiter.await.unwrap();
+        assert!(
+            matches!(got, Next::Item(Outbound::Frame(ref b)) if b[0] == 9),
+            "{got:?}"
+        );
+        // A push before the wait starts leaves a permit: no lost wake-up.
+        ctl.outbox.push(frame(7)).unwrap();
+        let got = ctl.next(true).await;
+        assert!(
+            matches!(got, Next::Item(Outbound::Frame(ref b)) if b[0] == 7),
+            "{got:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn items_come_in_order_when_taken() {
         let ctl = SessionCtl::new(8);
         ctl.outbox.push(frame(1)).unwrap();

@@ -87,16 +87,6 @@ impl Outbox {
         item
     }
 
-    /// Waits for the next item. Cancel-safe: an item is only taken when it is returned.
-    pub async fn pop(&self) -> Outbound {
-        loop {
-            if let Some(item) = self.try_pop() {
-                return item;
-            }
-            self.ready.notified().await;
-        }
-    }
-
     /// Wakes the consumer without an item (a permit is kept if it is not waiting).
     pub fn wake(&self) {
         self.ready.notify_one();
@@ -173,23 +163,5 @@ mod tests {
         assert!(q.lock().items.capacity() >= 50);
         while q.try_pop().is_some() {}
         assert_eq!(q.lock().items.capacity(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_push_wakes_a_waiting_pop_and_a_cancelled_pop_loses_nothing() {
-        let q = std::sync::Arc::new(Outbox::new(8));
-        // A pop raced against a timer and dropped: nothing is taken.
-        tokio::select! {
-            _ = q.pop() => panic!("nothing was queued"),
-            _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
-        }
-        let q2 = q.clone();
-        let waiter = tokio::spawn(async move { byte(q2.pop().await) });
-        tokio::task::yield_now().await;
-        q.push(frame(9)).expect("room");
-        assert_eq!(waiter.await.expect("joined"), 9);
-        // A push before the pop starts waiting leaves a permit: no lost wake-up.
-        q.push(frame(7)).expect("room");
-        assert_eq!(byte(q.pop().await), 7);
     }
 }

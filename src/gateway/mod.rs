@@ -227,15 +227,14 @@ fn upgrade(mut req: Request<Incoming>, gw: Arc<Gateway>, endpoint: Endpoint) -> 
     };
     let id = gw.next_session.fetch_add(1, Ordering::Relaxed);
     let gw2 = gw.clone();
-    let f = async move {
+    gw.tracker.spawn(async move {
         // Nothing of the upgrade outlives this statement, so the task holds only the session.
         let io = match fut.await {
             Ok(ws) => ws.into_inner(),
             Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
         };
         session::run(io, gw2, codec, bearer, id).await
-    };
-    gw.tracker.spawn(f);
+    });
     let (mut parts, _) = resp.into_parts();
     if let Some(p) = chosen {
         parts

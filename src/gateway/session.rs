@@ -88,7 +88,7 @@ pub fn run(
     // Not an `async fn live(self)`: an async fn keeps its by-value arguments twice (as
     // captured and as moved into its body), and that would be a second `Session`. The
     // block below uses the captured `s` in place.
-    let f = async move {
+    async move {
         s.run().await;
         s.ctl.outbox.close();
         if s.written_off > 0 {
@@ -98,11 +98,8 @@ pub fn run(
         }
         let (gw, id) = (s.gw.clone(), s.id);
         drop(s);
-        // Boxed: a send holds a whole `Command` and a semaphore wait, and only a session
-        // that has ended should pay for that room.
-        let _ = Box::pin(gw.commands.send(Command::Goodbye { session: id })).await;
-    };
-    f
+        let _ = gw.commands.send(Command::Goodbye { session: id }).await;
+    }
 }
 
 /// What a turn of the session loop woke for.
