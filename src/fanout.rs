@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::Bytes;
 
@@ -31,6 +32,8 @@ pub enum Outbound {
     Start(Box<SessionStart>),
     /// A pong answering a client ping.
     Pong(Bytes),
+    /// A heartbeat ping (from the sequencer's heartbeat).
+    Ping,
 }
 
 /// Everything the writer sends right after a successful hello, in order.
@@ -54,7 +57,7 @@ pub struct SessionCtl {
     /// What the session writes to its socket, in order.
     pub outbox: Outbox,
     /// The requested close code (0: none). Requests wake the session through the outbox's
-    /// `Notify`, so an idle session waits on one future for both.
+    /// waker, so an idle session waits on one thing for both.
     close: AtomicU16,
     /// [`crate::clock::mono_ms`] of the last frame received (monotonic: a wall clock step
     /// must not make every session look silent).
@@ -98,21 +101,34 @@ impl SessionCtl {
         self.close.load(Ordering::Acquire)
     }
 
-    /// Waits for a close request or, when `take` is set, the next queued item; a close
-    /// request comes first. Cancel-safe: an item is only taken when it is returned.
-    pub async fn next(&self, take: bool) -> Next {
-        loop {
-            let code = self.close_code();
-            if code != 0 {
-                return Next::Close(code);
-            }
-            if take {
-                if let Some(item) = self.outbox.try_pop() {
-                    return Next::Item(item);
-                }
-            }
-            self.outbox.woken().await;
+    /// A close request or, when `take` is set, the next queued item; a close request
+    /// comes first. Cancel-safe: an item is only taken when it is returned.
+    pub fn poll_next(&self, cx: &mut std::task::Context<'_>, take: bool) -> Poll<Next> {
+        if let Some(next) = self.ready(take) {
+            return Poll::Ready(next);
         }
+        self.outbox.register(cx);
+        // Again: a push or close between the first look and the registration woke no one.
+        match self.ready(take) {
+            Some(next) => Poll::Ready(next),
+            None => Poll::Pending,
+        }
+    }
+
+    /// [`SessionCtl::poll_next`] as a future.
+    pub async fn next(&self, take: bool) -> Next {
+        std::future::poll_fn(|cx| self.poll_next(cx, take)).await
+    }
+
+    fn ready(&self, take: bool) -> Option<Next> {
+        let code = self.close_code();
+        if code != 0 {
+            return Some(Next::Close(code));
+        }
+        if take {
+            return self.outbox.try_pop().map(Next::Item);
+        }
+        None
     }
 }
 

@@ -378,8 +378,10 @@ impl Broker {
             stop.cancel();
             let _ = handle.await;
         }
-        let _ = self.commands.send(Command::Drain).await;
+        // The token first: a session still before its hello watches it, and one whose hello
+        // the sequencer refuses once draining then sees it cancelled (4000, not 1013).
         self.gateway.shutdown.cancel();
+        let _ = self.commands.send(Command::Drain).await;
         self.gateway.tracker.close();
         if tokio::time::timeout_at(deadline, self.gateway.tracker.wait())
             .await

@@ -12,13 +12,18 @@
 //!   not queued (the sequencer then closes the session as a slow consumer, 4008);
 //! - once [`Outbox::close`] is called (the session ended), pushes fail with
 //!   [`PushError::Closed`] and what waited is dropped;
-//! - items come out in the order they went in; a wake-up is never lost: a push after the
-//!   receiver found the queue empty leaves a permit in the `Notify`.
+//! - items come out in the order they went in; a wake-up is never lost: the one consumer
+//!   registers its waker, then looks again (see [`Outbox::register`]), and every push or
+//!   [`Outbox::wake`] wakes the waker registered last.
+//!
+//! Why an `AtomicWaker` and not a `Notify`: a waiter on a `Notify` is a future of ~70 bytes
+//! that lives inside the waiting task, and an idle session waits all its life. A waker
+//! slot costs the task nothing; the session polls its queue in a `poll_fn`.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use tokio::sync::Notify;
+use atomic_waker::AtomicWaker;
 
 use crate::fanout::Outbound;
 
@@ -44,7 +49,7 @@ struct Inner {
 pub struct Outbox {
     inner: Mutex<Inner>,
     capacity: usize,
-    ready: Notify,
+    ready: AtomicWaker,
 }
 
 impl Outbox {
@@ -52,7 +57,7 @@ impl Outbox {
         Outbox {
             inner: Mutex::new(Inner::default()),
             capacity,
-            ready: Notify::new(),
+            ready: AtomicWaker::new(),
         }
     }
 
@@ -73,7 +78,7 @@ impl Outbox {
             }
             g.items.push_back(item);
         }
-        self.ready.notify_one();
+        self.ready.wake();
         Ok(())
     }
 
@@ -87,15 +92,16 @@ impl Outbox {
         item
     }
 
-    /// Wakes the consumer without an item (a permit is kept if it is not waiting).
+    /// Wakes the consumer without an item.
     pub fn wake(&self) {
-        self.ready.notify_one();
+        self.ready.wake();
     }
 
-    /// Resolves at the next push or [`Outbox::wake`] (or at once for one made while nobody
-    /// waited). For a consumer that checks its own conditions around it.
-    pub async fn woken(&self) {
-        self.ready.notified().await;
+    /// Registers the consumer's waker for the next push or [`Outbox::wake`]. The consumer
+    /// must look at its conditions again after this before it returns `Pending`: what
+    /// happened before the registration woke an older waker, or none.
+    pub fn register(&self, cx: &std::task::Context<'_>) {
+        self.ready.register(cx.waker());
     }
 
     /// Items waiting.

@@ -2,6 +2,7 @@
 //! metric (defined once, here, so dashboards can rely on them).
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -45,7 +46,15 @@ pub const HTTP_REQUESTS: &str = "switchboard_http_requests_total";
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// How often the recorder's pending histogram samples are folded into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Installs the process-wide Prometheus recorder once; later calls return the same handle.
+///
+/// A recorder made with `build_recorder` keeps every histogram sample until something runs
+/// its upkeep (a scrape does, as part of rendering). Without a scraper that was unbounded
+/// growth: about 8 bytes per sample, several samples per message. So a thread of its own
+/// (process-wide, like the recorder; a task would die with the first runtime) runs it.
 pub fn prometheus() -> Option<PrometheusHandle> {
     PROMETHEUS
         .get_or_init(|| {
@@ -59,9 +68,30 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
             describe();
+            let upkeep = handle.clone();
+            if let Err(e) = spawn_periodic("metrics-upkeep", UPKEEP_EVERY, move || {
+                upkeep.run_upkeep()
+            }) {
+                tracing::warn!(error = %e, "metrics upkeep thread not started; histograms grow until scraped");
+            }
             Some(handle)
         })
         .clone()
+}
+
+/// Runs `f` every `period` on a named thread, for the life of the process.
+fn spawn_periodic(
+    name: &str,
+    period: Duration,
+    mut f: impl FnMut() + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || loop {
+            std::thread::sleep(period);
+            f();
+        })
+        .map(|_| ())
 }
 
 /// The subscriber under the output layers: the registry filtered by the reloadable filter.
@@ -196,4 +226,22 @@ fn describe() {
     metrics::counter!(STORE_REOPENS, "outcome" => "failed").absolute(0);
     metrics::counter!(DUPLICATES).absolute(0);
     metrics::gauge!(CONNECTIONS).set(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periodic_work_runs_again_and_again() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        spawn_periodic("test-periodic", Duration::from_millis(5), move || {
+            let _ = tx.send(());
+        })
+        .unwrap();
+        // Bounded wait, not a timing assertion: three runs must come at all.
+        for _ in 0..3 {
+            rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        }
+    }
 }

@@ -360,6 +360,18 @@ async fn embedded_broker_shutdown_closes_sessions_4000_and_keeps_the_log() {
     assert_eq!(h["messages"][0]["body"], json!("kept"));
 }
 
+/// A live session learns of shutdown from the sequencer (it is in the registry); a socket
+/// still before its hello is not, and must be closed with 4000 all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_closes_a_socket_that_has_not_said_hello_with_4000() {
+    let mut b = TestBroker::start().await;
+    let live = b.connect(&uid("alice"), "a1").await;
+    let silent = b.open().await;
+    b.shutdown().await;
+    assert_eq!(live.wait_closed().await, Some(4000));
+    assert_eq!(silent.wait_closed().await, Some(4000));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_broker_on_the_same_data_dir_refuses_to_start_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();

@@ -226,14 +226,16 @@ fn upgrade(mut req: Request<Incoming>, gw: Arc<Gateway>, endpoint: Endpoint) -> 
         Err(e) => return error_response(&ProtoError::bad_request(e.to_string())),
     };
     let id = gw.next_session.fetch_add(1, Ordering::Relaxed);
-    let gw2 = gw.clone();
+    // One box for everything the task needs before the session exists: what an async
+    // block captures stays in the task all its life, and the box is 8 bytes of it.
+    let args = Box::new((fut, gw.clone(), codec, bearer, id));
     gw.tracker.spawn(async move {
-        // Nothing of the upgrade outlives this statement, so the task holds only the session.
+        let (fut, gw, codec, bearer, id) = *args;
         let io = match fut.await {
             Ok(ws) => ws.into_inner(),
             Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
         };
-        session::run(io, gw2, codec, bearer, id).await
+        session::run(io, gw, codec, bearer, id).await
     });
     let (mut parts, _) = resp.into_parts();
     if let Some(p) = chosen {

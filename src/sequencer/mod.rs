@@ -19,6 +19,7 @@
 mod api_ops;
 mod calls;
 pub mod command;
+mod heartbeat;
 mod presence;
 mod push_ops;
 mod session_ops;
@@ -106,6 +107,8 @@ pub struct Settings {
     pub push_apps: std::collections::HashSet<(crate::push::provider::ProviderKind, String)>,
     /// A session silent this long is a leftover for the sweep (twice the heartbeat timeout).
     pub stale_after: Duration,
+    /// Pings, silence and token expiry of live sessions.
+    pub heartbeat: heartbeat::Heartbeat,
 }
 
 impl Settings {
@@ -153,6 +156,7 @@ impl Settings {
                 }))
                 .collect(),
             stale_after: Duration::from_millis(c.heartbeat.timeout_ms.saturating_mul(2)),
+            heartbeat: heartbeat::Heartbeat::new(c.heartbeat.interval_ms, c.heartbeat.timeout_ms),
         }
     }
 }
@@ -188,6 +192,8 @@ enum Timer {
     },
     /// Time to write the durable watermark (see [`crate::log::watermark`]).
     Watermark,
+    /// A heartbeat tick over the live sessions (see [`heartbeat`]); always armed.
+    Heartbeat,
 }
 
 /// Where an answer goes.
@@ -291,8 +297,10 @@ pub struct Sequencer {
     rx: mpsc::Receiver<Command>,
     shared: Arc<Shared>,
     timers: DelayQueue<Timer>,
-    /// Generation of the newest presence decision per user (older grace timers are stale).
-    presence_gen: HashMap<String, u64>,
+    /// Users whose last device left and whose grace timer is pending: the generation of
+    /// that timer (an older one, or one for a user who came back, is stale). Only users in
+    /// grace are here, so an online user costs this map nothing.
+    grace: HashMap<String, u64>,
     /// Unix ms when each user's last device left (their `last_seen` once offline).
     last_disconnect: HashMap<String, u64>,
     /// Generation of the newest call-drop timer per user.
@@ -300,6 +308,8 @@ pub struct Sequencer {
     /// Active typing indicators: (conv, user) -> generation of the newest renewal.
     typing: HashMap<(String, String), u64>,
     next_gen: u64,
+    /// Counts heartbeat ticks: whose turn it is to be pinged.
+    heartbeat_turn: u64,
     draining: bool,
     // The batch being built.
     committed_head: u64,
@@ -365,11 +375,12 @@ impl Sequencer {
             rx,
             shared,
             timers: DelayQueue::new(),
-            presence_gen: HashMap::new(),
+            grace: HashMap::new(),
             last_disconnect: HashMap::new(),
             typing: HashMap::new(),
             call_drop_gen: HashMap::new(),
             next_gen: 0,
+            heartbeat_turn: 0,
             draining: false,
             committed_head: head,
             pending: Vec::new(),
@@ -388,6 +399,7 @@ impl Sequencer {
         };
         s.arm_presence_after_restart();
         s.arm_calls_after_restart();
+        s.arm_heartbeat();
         s
     }
 
@@ -490,7 +502,7 @@ impl Sequencer {
             Command::Sweep => {
                 self.sweep();
             }
-            Command::Drain => self.draining = true,
+            Command::Drain => self.drain(),
             Command::Stop(tx) => return Some(tx),
         }
         None
@@ -916,6 +928,17 @@ impl Sequencer {
                 self.watermark_armed = false;
                 self.write_watermark();
             }
+            Timer::Heartbeat => self.heartbeat_tick(),
+        }
+    }
+
+    /// Shutdown begins: every live session is asked to close with 4000 (they say goodbye
+    /// and presence stays as it is, so a restart within the grace period shows no one
+    /// leaving); a hello from now on is refused.
+    fn drain(&mut self) {
+        self.draining = true;
+        for h in self.registry.all() {
+            h.ctl.close_with(crate::protocol::CloseCode::ShuttingDown);
         }
     }
 

@@ -13,8 +13,6 @@ use crate::state::{presence_views, View};
 impl Sequencer {
     /// Re-evaluates `user`'s presence after their devices changed.
     pub(super) fn presence_refresh(&mut self, user: &str) {
-        let gen = self.bump_gen();
-        self.presence_gen.insert(user.to_string(), gen);
         let devices = self.registry.device_count(user);
         let ps = self
             .state
@@ -23,6 +21,8 @@ impl Sequencer {
             .unwrap_or_default();
         if devices == 0 {
             if ps.own.devices > 0 || ps.public.devices > 0 {
+                let gen = self.bump_gen();
+                self.grace.insert(user.to_string(), gen);
                 self.timers.insert(
                     Timer::PresenceGrace {
                         user: user.to_string(),
@@ -33,6 +33,8 @@ impl Sequencer {
             }
             return;
         }
+        // Back within the grace period: the pending timer (if any) is void.
+        self.grace.remove(user);
         self.publish_presence(user, ps.chosen, devices);
     }
 
@@ -43,10 +45,10 @@ impl Sequencer {
     }
 
     pub(super) fn presence_grace_expired(&mut self, user: &str, gen: u64) {
-        if self.presence_gen.get(user) != Some(&gen) {
+        if self.grace.get(user) != Some(&gen) {
             return;
         }
-        self.presence_gen.remove(user);
+        self.grace.remove(user);
         if self.registry.device_count(user) > 0 {
             return;
         }
@@ -128,7 +130,7 @@ impl Sequencer {
             .filter(|(id, u)| {
                 (u.presence.own.devices > 0 || u.presence.public.devices > 0)
                     && self.registry.device_count(id) == 0
-                    && !self.presence_gen.contains_key(*id)
+                    && !self.grace.contains_key(*id)
             })
             .map(|(id, _)| id.clone())
             .collect();

@@ -24,6 +24,10 @@ impl Sequencer {
             iat,
             done,
         } = cmd;
+        if self.draining {
+            let _ = done.send(Err(ProtoError::unavailable("the broker is shutting down")));
+            return;
+        }
         if self.registry.len() >= self.settings.max_connections {
             let _ = done.send(Err(ProtoError::unavailable(
                 "the broker is at limits.max_connections; retry later",

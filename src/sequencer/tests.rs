@@ -91,10 +91,47 @@ async fn sweep_turns_offline_a_user_left_online_without_device_or_timer() {
     s.presence_refresh("alice");
     assert_eq!(s.sweep(), (0, 0));
     // ...once the timer is lost, it is.
-    s.presence_gen.clear();
+    s.grace.clear();
     assert_eq!(s.sweep(), (0, 1));
     s.commit().await;
     let p = s.state.user("alice").unwrap().presence;
     assert_eq!((p.public.status, p.public.devices), (Status::Offline, 0));
     assert_eq!(s.sweep(), (0, 0), "nothing left over after the sweep");
+}
+
+#[tokio::test]
+async fn heartbeat_closes_an_expired_session_and_pings_a_live_one_once_an_interval() {
+    use crate::fanout::Next;
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = sequencer(dir.path());
+    let slots = s.settings.heartbeat.slots;
+    assert!(
+        slots > 1,
+        "the embedded interval spreads pings over several ticks"
+    );
+    let (expired, rx_expired) = handle(1, "alice");
+    let (fresh, rx_fresh) = handle(3, "carol");
+    expired.ctl.token_exp.store(now_ms() / 1000 - 1, Relaxed);
+    fresh.ctl.token_exp.store(now_ms() / 1000 + 3_600, Relaxed);
+    s.registry.insert(expired);
+    s.registry.insert(fresh);
+    let mut pings = 0;
+    for _ in 0..slots {
+        rx_fresh
+            .last_heard_ms
+            .store(crate::clock::mono_ms(), Relaxed);
+        s.heartbeat_tick();
+        while let Some(item) = rx_fresh.outbox.try_pop() {
+            assert!(matches!(item, Outbound::Ping), "{item:?}");
+            pings += 1;
+        }
+    }
+    assert_eq!(pings, 1, "one ping per interval");
+    assert_eq!(rx_fresh.close_code(), 0);
+    assert!(matches!(rx_expired.next(true).await, Next::Close(4001)));
+    assert!(
+        rx_expired.outbox.is_empty(),
+        "an expired session is not pinged"
+    );
 }

