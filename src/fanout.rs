@@ -6,6 +6,7 @@
 //! session slow: it is closed with 4008 and dropped from the registry; the device resumes
 //! from its last `off`, so nothing is lost.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -143,8 +144,10 @@ pub enum Next {
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     pub id: SessionId,
-    pub user: String,
-    pub device: String,
+    /// One allocation per user, shared by the registry's key, every handle of the user and
+    /// the session itself.
+    pub user: Arc<str>,
+    pub device: Box<str>,
     pub platform: Platform,
     pub codec: Codec,
     pub ctl: Arc<SessionCtl>,
@@ -190,40 +193,55 @@ enum PushFail {
     Gone,
 }
 
-/// All live sessions (past hello).
+/// All live sessions (past hello), by user: fan-out goes user by user, so a user's
+/// handles sit together and one lookup finds them all.
 #[derive(Default)]
 pub struct Registry {
-    sessions: HashMap<SessionId, SessionHandle>,
-    by_user: HashMap<String, Vec<SessionId>>,
+    /// Each user's sessions, usually one (the first is stored in a `Vec` of exactly one).
+    by_user: HashMap<Arc<str>, Vec<SessionHandle>>,
+    /// Whose each session is.
+    owner: HashMap<SessionId, Arc<str>>,
 }
 
 impl Registry {
-    pub fn insert(&mut self, h: SessionHandle) {
-        self.by_user.entry(h.user.clone()).or_default().push(h.id);
-        self.sessions.insert(h.id, h);
+    pub fn insert(&mut self, mut h: SessionHandle) {
+        let id = h.id;
+        let user = match self.by_user.entry(h.user.clone()) {
+            Entry::Occupied(mut e) => {
+                // The user's one allocation, not the new handle's copy.
+                h.user = e.key().clone();
+                e.get_mut().push(h);
+                e.key().clone()
+            }
+            Entry::Vacant(e) => {
+                let user = e.key().clone();
+                let mut v = Vec::with_capacity(1);
+                v.push(h);
+                e.insert(v);
+                user
+            }
+        };
+        self.owner.insert(id, user);
     }
 
     pub fn remove(&mut self, id: SessionId) -> Option<SessionHandle> {
-        let h = self.sessions.remove(&id)?;
-        if let Some(ids) = self.by_user.get_mut(&h.user) {
-            ids.retain(|x| *x != id);
-            if ids.is_empty() {
-                self.by_user.remove(&h.user);
-            }
+        let user = self.owner.remove(&id)?;
+        let handles = self.by_user.get_mut(&user)?;
+        let at = handles.iter().position(|h| h.id == id)?;
+        let h = handles.remove(at);
+        if handles.is_empty() {
+            self.by_user.remove(&user);
         }
         Some(h)
     }
 
     pub fn get(&self, id: SessionId) -> Option<&SessionHandle> {
-        self.sessions.get(&id)
+        let user = self.owner.get(&id)?;
+        self.by_user.get(user)?.iter().find(|h| h.id == id)
     }
 
     pub fn of_user(&self, user: &str) -> impl Iterator<Item = &SessionHandle> {
-        self.by_user
-            .get(user)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| self.sessions.get(id))
+        self.by_user.get(user).into_iter().flatten()
     }
 
     pub fn device_count(&self, user: &str) -> u32 {
@@ -231,11 +249,11 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.owner.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.owner.is_empty()
     }
 
     pub fn users(&self) -> usize {
@@ -243,7 +261,7 @@ impl Registry {
     }
 
     pub fn all(&self) -> impl Iterator<Item = &SessionHandle> {
-        self.sessions.values()
+        self.by_user.values().flatten()
     }
 
     /// Pushes `value` to the sessions of every user in `users` whose device `devices`
@@ -288,7 +306,7 @@ impl Registry {
 
     /// Sends one frame to one session; a full queue closes it (4008).
     pub fn send_to(&self, id: SessionId, frame: Outbound) -> Result<(), SessionId> {
-        let Some(h) = self.sessions.get(&id) else {
+        let Some(h) = self.get(id) else {
             return Ok(());
         };
         match push(h, frame) {
@@ -384,5 +402,43 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
+    }
+
+    fn handle(id: SessionId, user: &str, device: &str) -> SessionHandle {
+        SessionHandle {
+            id,
+            user: Arc::from(user),
+            device: device.into(),
+            platform: Platform::Web,
+            codec: Codec::Json,
+            ctl: Arc::new(SessionCtl::new(8)),
+        }
+    }
+
+    #[test]
+    fn the_registry_finds_sessions_by_id_and_by_user_and_shares_the_user_id() {
+        let mut r = Registry::default();
+        r.insert(handle(1, "alice", "a1"));
+        r.insert(handle(2, "alice", "a2"));
+        r.insert(handle(3, "bob", "b1"));
+        assert_eq!((r.len(), r.users()), (3, 2));
+        assert_eq!(r.device_count("alice"), 2);
+        let mut ids: Vec<_> = r.all().map(|h| h.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [1, 2, 3]);
+        let alice: Vec<_> = r.of_user("alice").collect();
+        assert!(
+            Arc::ptr_eq(&alice[0].user, &alice[1].user),
+            "one allocation per user"
+        );
+        assert_eq!(r.get(2).map(|h| &*h.device), Some("a2"));
+
+        assert_eq!(r.remove(1).map(|h| h.id), Some(1));
+        assert!(r.get(1).is_none());
+        assert!(r.remove(1).is_none(), "removed once");
+        assert_eq!(r.of_user("alice").map(|h| h.id).collect::<Vec<_>>(), [2]);
+        r.remove(2);
+        assert_eq!((r.len(), r.users(), r.device_count("alice")), (1, 1, 0));
+        assert_eq!(r.get(3).map(|h| &*h.user), Some("bob"));
     }
 }

@@ -230,7 +230,11 @@ fn upgrade(mut req: Request<Incoming>, gw: Arc<Gateway>, endpoint: Endpoint) -> 
     // block captures stays in the task all its life, and the box is 8 bytes of it.
     let args = Box::new((fut, gw.clone(), codec, bearer, id));
     gw.tracker.spawn(async move {
-        let (fut, gw, codec, bearer, id) = *args;
+        // Moved out in a block of its own, so the box is freed here, not when the task ends.
+        let (fut, gw, codec, bearer, id) = {
+            let args = args;
+            *args
+        };
         let io = match fut.await {
             Ok(ws) => ws.into_inner(),
             Err(e) => return tracing::debug!(error = %e, "upgrade failed"),

@@ -135,8 +135,8 @@ enum Phase {
     /// Waiting for its hello: what only that needs, boxed, so a live session holds none
     /// of it.
     Hello(Box<Pending>),
-    /// Past hello: whose session this is.
-    Live(String),
+    /// Past hello: whose session this is (the registry's allocation, shared).
+    Live(Arc<str>),
 }
 
 /// What a session needs until its hello succeeds.
@@ -503,7 +503,7 @@ impl Session {
         &mut self,
         reply_id: Option<u32>,
         h: crate::protocol::frames::HelloOp,
-    ) -> Result<String, u16> {
+    ) -> Result<Arc<str>, u16> {
         let bearer = match &self.phase {
             Phase::Hello(p) => p.bearer.as_deref(),
             Phase::Live(_) => None,
@@ -526,10 +526,11 @@ impl Session {
                 .collect::<Vec<_>>()
         });
         self.ctl.token_exp.store(claims.exp, Ordering::Relaxed);
+        let user: Arc<str> = Arc::from(claims.sub);
         let handle = SessionHandle {
             id: self.id,
-            user: claims.sub.clone(),
-            device: h.device,
+            user: user.clone(),
+            device: h.device.into(),
             platform: h.platform.unwrap_or_default(),
             codec: self.codec,
             ctl: self.ctl.clone(),
@@ -547,7 +548,7 @@ impl Session {
             return Err(CloseCode::ShuttingDown.code());
         }
         match done_rx.await {
-            Ok(Ok(())) => Ok(claims.sub),
+            Ok(Ok(())) => Ok(user),
             Ok(Err(e)) => {
                 let code = match e.code {
                     // Refused because the broker is draining: the close says so.

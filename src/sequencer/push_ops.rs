@@ -186,7 +186,7 @@ impl Sequencer {
         let jobs = jobs_for(
             record,
             &self.state.push,
-            |u, d| registry.of_user(u).any(|h| h.device == d),
+            |u, d| registry.of_user(u).any(|h| &*h.device == d),
             &self.settings.push_jobs,
         );
         self.pending_jobs.extend(jobs);

@@ -39,7 +39,7 @@ impl Sequencer {
             return;
         }
         let head = self.committed_head;
-        let user = handle.user.clone();
+        let user = handle.user.to_string();
         // Replay decision (protocol section 3).
         let (resumed, reset, reason, replay) = match since {
             None => (false, false, None, None),
@@ -111,7 +111,7 @@ impl Sequencer {
                 reply: super::encode_reply(codec, reply_id, &Ok(reply))?,
                 replay,
                 user: user.clone(),
-                device: handle.device.clone(),
+                device: handle.device.to_string(),
                 head,
                 sync: codec.encode(&json!({"ev": "sync", "head": head})).ok()?,
                 snapshot: codec.encode(&snapshot).ok()?,
@@ -160,7 +160,7 @@ impl Sequencer {
         let mut others: Vec<&str> = self
             .registry
             .of_user(user)
-            .map(|h| h.device.as_str())
+            .map(|h| &*h.device)
             .filter(|d| *d != device)
             .collect();
         others.sort_unstable();
@@ -225,7 +225,7 @@ impl Sequencer {
         };
         tracing::debug!(session = id, user = %h.user, device = %h.device, "session ended");
         self.connections_changed();
-        self.last_disconnect.insert(h.user.clone(), now_ms());
+        self.last_disconnect.insert(h.user.to_string(), now_ms());
         let written = h.ctl.written_off.load(std::sync::atomic::Ordering::Relaxed);
         self.owe_unwritten(&h.user, &h.device, written);
         if !self.draining {

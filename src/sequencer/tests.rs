@@ -26,7 +26,7 @@ fn handle(id: u64, user: &str) -> (SessionHandle, Arc<SessionCtl>) {
     let h = SessionHandle {
         id,
         user: user.into(),
-        device: format!("d{id}"),
+        device: format!("d{id}").into(),
         platform: Platform::Web,
         codec: Codec::Json,
         ctl: ctl.clone(),
