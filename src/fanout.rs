@@ -215,9 +215,8 @@ impl Registry {
             }
             Entry::Vacant(e) => {
                 let user = e.key().clone();
-                let mut v = Vec::with_capacity(1);
-                v.push(h);
-                e.insert(v);
+                // `vec![h]` holds exactly one; a first `push` would reserve four.
+                e.insert(vec![h]);
                 user
             }
         };
