@@ -381,7 +381,7 @@ mod tests {
             matches!(got, Next::Item(Outbound::Frame(ref b)) if b[0] == 9),
             "{got:?}"
         );
-        // A push before the wait starts leaves a permit: no lost wake-up.
+        // A push before the wait starts is found by its first look: no lost wake-up.
         ctl.outbox.push(frame(7)).unwrap();
         let got = ctl.next(true).await;
         assert!(

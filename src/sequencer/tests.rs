@@ -1,4 +1,5 @@
-//! Sequencer unit tests driven without sockets: the sweep's view of leftovers.
+//! Sequencer unit tests driven without sockets: the sweep's view of leftovers and the
+//! heartbeat's decisions.
 
 use std::sync::Arc;
 
