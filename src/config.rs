@@ -194,7 +194,7 @@ pub struct RetentionConfig {
     /// The retained events and their index entries are kept under this many bytes
     /// (estimated from their encoded size; 0: no size limit).
     pub max_bytes: u64,
-    /// When compaction runs (cron with seconds).
+    /// When compaction runs (cron with seconds; "" for none: only [`crate::Broker::compact`]).
     pub cron: String,
     /// Events deleted per store batch.
     pub batch: usize,

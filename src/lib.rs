@@ -252,14 +252,15 @@ impl Broker {
             snapshot_dir: snapshot::dir_of(&config.storage.dir),
             sinks: sync.iter().map(|h| h.sink).collect(),
         };
-        let (retention_tx, retention_task) = if config.retention.enabled() {
-            let (ticks_tx, ticks) = mpsc::channel(1);
-            let stop = tokio_util::sync::CancellationToken::new();
-            let task = retention.clone().spawn(ticks, stop.clone());
-            (Some(ticks_tx), Some((stop, task)))
-        } else {
-            (None, None)
-        };
+        let (retention_tx, retention_task) =
+            if config.retention.enabled() && !config.retention.cron.is_empty() {
+                let (ticks_tx, ticks) = mpsc::channel(1);
+                let stop = tokio_util::sync::CancellationToken::new();
+                let task = retention.clone().spawn(ticks, stop.clone());
+                (Some(ticks_tx), Some((stop, task)))
+            } else {
+                (None, None)
+            };
         let scheduler = scheduler::Scheduler::start(&config, tx.clone(), retention_tx).await?;
         let gw = Arc::new(Gateway::new(
             config,
