@@ -1372,6 +1372,9 @@ impl ServerProcess {
                 "SWITCHBOARD_LIMITS__RATE_PER_S".to_string(),
                 "0".to_string(),
             ),
+            // as in test_config: no wall-clock snapshot or compaction schedule
+            ("SWITCHBOARD_SNAPSHOT__CRON".to_string(), String::new()),
+            ("SWITCHBOARD_RETENTION__CRON".to_string(), String::new()),
         ];
         env.extend(self.extra_env.iter().cloned());
         env
