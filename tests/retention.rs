@@ -1,7 +1,8 @@
 //! Retention: compaction moves the floor and deletes what is below it, never past an SQL
 //! sink's checkpoint or what the oldest snapshot needs; a `hello` with a `since` below the
 //! floor gets `reset: expired`, `/v1/events` below it answers 410; the floor survives a
-//! restart; `log compact` returns the freed space to the file system.
+//! restart; `log compact` returns the freed space to the file system; `retention.cron` runs
+//! it on schedule, and `""` turns the schedule off.
 
 mod common;
 
@@ -356,4 +357,51 @@ async fn log_compact_returns_the_freed_space_and_the_broker_serves_from_it() {
         .ok("send", json!({"to": bob, "body": 1, "cid": "z"}))
         .await;
     assert!(off(&r) > head, "{r}");
+}
+
+/// The harness turns the schedules off (`test_config`); this is the test that they run when
+/// set: `retention.cron` every second compacts with no explicit call, asking for the
+/// snapshot it needs on the way.
+#[tokio::test]
+async fn compaction_runs_on_its_schedule() {
+    let b = TestBroker::start_with(|c| {
+        c.retention.max_bytes = 1;
+        c.retention.cron = "* * * * * *".to_string();
+        c.snapshot.every_events = 0;
+    })
+    .await;
+    let (alice, bob) = (uid("alice"), uid("bob"));
+    let a = b.connect(&alice, "a1").await;
+    let head = chat(&a, &bob, "s", 20).await;
+    // Bounded: the first tick is at most a second away; allow several.
+    let mut floor = 0;
+    for _ in 0..200 {
+        floor = stats(&b.http().get("/v1/stats").await.json()).0;
+        if floor > head {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(floor, head + 1, "no scheduled compaction reached the head");
+}
+
+/// With `retention.cron = ""` and a limit set, the broker starts and compacts only when
+/// asked.
+#[tokio::test]
+async fn an_empty_retention_cron_compacts_only_when_asked() {
+    let b = TestBroker::start_with(|c| {
+        c.retention.max_bytes = 1;
+        c.retention.cron = String::new();
+        c.snapshot.every_events = 0;
+    })
+    .await;
+    let (alice, bob) = (uid("alice"), uid("bob"));
+    let a = b.connect(&alice, "a1").await;
+    let head = chat(&a, &bob, "e", 20).await;
+    // Two seconds is two ticks of the every-second schedule the test above uses.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = b.http().get("/v1/stats").await.json();
+    assert_eq!(stats(&s).0, 1, "nothing compacted without a schedule: {s}");
+    let rep = b.broker().compact().await.expect("compaction runs");
+    assert_eq!(rep.floor, head + 1, "{rep:?}");
 }

@@ -167,3 +167,35 @@ async fn a_corrupt_snapshot_falls_back_and_the_broker_serves_the_same_history() 
         .await;
     assert_eq!(next["seq"], json!(61));
 }
+
+/// The harness turns `snapshot.cron` off (`test_config`); set, it snapshots on its own: an
+/// every-second schedule writes a snapshot file at the head with no explicit request.
+#[tokio::test]
+async fn snapshots_are_taken_on_their_schedule() {
+    let b = TestBroker::start_with(|c| {
+        c.snapshot.cron = "* * * * * *".to_string();
+        c.snapshot.every_events = 0;
+    })
+    .await;
+    let (alice, bob) = (uid("alice"), uid("bob"));
+    let a = b.connect(&alice, "a1").await;
+    let r = a
+        .ok("send", json!({"to": bob, "body": "x", "cid": "c1"}))
+        .await;
+    let head = off(&r);
+    let dir = snapshot::dir_of(&b.cfg.storage.dir);
+    let mut newest = None;
+    for _ in 0..200 {
+        newest = snapshot::list(&dir)
+            .last()
+            .and_then(|p| p.file_stem()?.to_str()?.parse::<u64>().ok());
+        if newest >= Some(head) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        newest >= Some(head),
+        "no scheduled snapshot at {head}: {newest:?}"
+    );
+}
