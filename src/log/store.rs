@@ -236,9 +236,20 @@ impl Store {
     }
 
     /// Makes every earlier append crash-safe.
+    ///
+    /// The flush runs on tokio's blocking pool, not through sled's `flush_async`: sled hands
+    /// that to its own thread pool with a `notify_all`, which wakes every idle `sled-io`
+    /// thread (seven) for each group commit; profiled, they took 38 % of the broker's CPU
+    /// under chat load. A task that cannot finish (a panic, or the runtime shutting down)
+    /// is reported as sled reports its own pool failing: a storage error.
     pub async fn flush(&self) -> Result<(), LogError> {
-        self.db()?.flush_async().await?;
-        Ok(())
+        let db = self.db()?;
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(r) => r.map(drop).map_err(LogError::from),
+            Err(e) => Err(LogError::Sled(sled::Error::ReportableBug(format!(
+                "the flush task did not complete: {e}"
+            )))),
+        }
     }
 
     /// One record by offset.
