@@ -795,7 +795,7 @@ fn snapshot_files(dir: &Path) -> Vec<(u64, PathBuf)> {
     let mut v: Vec<(u64, PathBuf)> = crate::snapshot::list(dir)
         .into_iter()
         .filter_map(|p| {
-            let off = p.file_stem()?.to_str()?.parse().ok()?;
+            let off = crate::snapshot::off_of(&p)?;
             Some((off, p))
         })
         .collect();

@@ -198,7 +198,7 @@ impl Retention {
     fn oldest_snapshot(&self) -> Option<u64> {
         crate::snapshot::list(&self.snapshot_dir)
             .first()
-            .and_then(|p| p.file_stem()?.to_str()?.parse().ok())
+            .and_then(|p| crate::snapshot::off_of(p))
     }
 
     /// Asks for a snapshot and waits for its file.

@@ -188,7 +188,7 @@ async fn snapshots_are_taken_on_their_schedule() {
     for _ in 0..200 {
         newest = snapshot::list(&dir)
             .last()
-            .and_then(|p| p.file_stem()?.to_str()?.parse::<u64>().ok());
+            .and_then(|p| snapshot::off_of(p));
         if newest >= Some(head) {
             break;
         }

@@ -118,7 +118,7 @@ fn newest_snapshot(dir: &Path) -> Option<(u64, std::path::PathBuf)> {
     crate::snapshot::list(dir)
         .into_iter()
         .filter_map(|p| {
-            let off = p.file_stem()?.to_str()?.parse::<u64>().ok()?;
+            let off = crate::snapshot::off_of(&p)?;
             Some((off, p))
         })
         .max_by_key(|(off, _)| *off)

@@ -243,9 +243,9 @@ impl Store {
     /// under chat load. A task that cannot finish (a panic, or the runtime shutting down)
     /// is reported as sled reports its own pool failing: a storage error.
     pub async fn flush(&self) -> Result<(), LogError> {
-        let db = self.db()?;
-        match tokio::task::spawn_blocking(move || db.flush()).await {
-            Ok(r) => r.map(drop).map_err(LogError::from),
+        let store = self.clone();
+        match tokio::task::spawn_blocking(move || store.flush_blocking()).await {
+            Ok(r) => r,
             Err(e) => Err(LogError::Sled(sled::Error::ReportableBug(format!(
                 "the flush task did not complete: {e}"
             )))),
@@ -546,7 +546,8 @@ impl Store {
         Ok(())
     }
 
-    /// [`Store::flush`] for callers outside a runtime (the offline log tools).
+    /// The blocking flush: the offline log tools call it, and [`Store::flush`] runs it on
+    /// tokio's blocking pool.
     pub fn flush_blocking(&self) -> Result<(), LogError> {
         self.db()?.flush()?;
         Ok(())
